@@ -1,0 +1,1 @@
+"""Turns models into engines: ONNX export, TensorRT builds, the engine manifest and cache."""

@@ -1,0 +1,1 @@
+"""FastDVDnet: the network, its upstream checkpoint loader and its sliding-window rule."""

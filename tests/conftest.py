@@ -1,0 +1,55 @@
+"""Shared fixtures: models are loaded once per session, clips are generated on the fly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    from vlrt.models import load_model
+
+    return load_model("demo", torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny8_dir(tmp_path_factory) -> Path:
+    """A second tiny model with other configs: VAE scale factor 8 and a different cross-attention size."""
+    from tiny_sd import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny8") / "model", vae_blocks=4, cross_attention_dim=48, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny8_model(tiny8_dir):
+    from vlrt.models import load_model
+
+    return load_model(str(tiny8_dir), torch.device("cpu"))
+
+
+def write_frames(folder: Path, frames: list[np.ndarray], pattern: str = "{:04d}.png") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / pattern.format(i + 1))
+    return folder
+
+
+def read_frames(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))]
+
+
+@pytest.fixture
+def clip_folder(tmp_path) -> Path:
+    """Six 64×48 frames of the sample clip as a PNG folder."""
+    from vlrt.demo.clip import sample_frames
+
+    return write_frames(tmp_path / "clip", sample_frames(6, (64, 48)))

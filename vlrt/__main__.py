@@ -1,0 +1,5 @@
+import sys
+
+from vlrt.cli import main
+
+sys.exit(main())

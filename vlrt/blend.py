@@ -1,0 +1,60 @@
+"""8-bit image mixing: superimpose, batch mean and temporal blending (SPEC.md §2.4, §2.5).
+
+Two rounding policies. `floor` reproduces the extension bit for bit: Pillow's `Image.blend`
+computes `a + t·(b − a)` in single precision and truncates, and the extension chains such blends
+(running means), which darkens slightly with every step. `round` (vlrt's default) computes each
+mean exactly in float and rounds once, so there is no drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+FLOOR = "floor"
+ROUND = "round"
+
+
+def _quantise(x: np.ndarray, rounding: str) -> np.ndarray:
+    if rounding == FLOOR:
+        return np.clip(x, 0, 255).astype(np.uint8)  # truncation toward zero of non-negatives is floor
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def blend(a: np.ndarray, b: np.ndarray, t: float, rounding: str = ROUND) -> np.ndarray:
+    """`a·(1−t) + b·t` per 8-bit channel (t=0 gives a, t=1 gives b); outside [0, 1] it extrapolates and clips."""
+    a32 = a.astype(np.float32)
+    return _quantise(a32 + np.float32(t) * (b.astype(np.float32) - a32), rounding)
+
+
+def mean(images: Sequence[np.ndarray], rounding: str = ROUND) -> np.ndarray:
+    """Equal-weight mean of a batch (the extension's "batch blend": a running mean in floor mode)."""
+    if rounding == FLOOR:
+        acc = images[0]
+        for k, image in enumerate(images[1:], start=2):
+            acc = blend(acc, image, 1.0 / k, FLOOR)
+        return acc
+    return _quantise(np.mean(np.stack([i.astype(np.float32) for i in images]), axis=0), rounding)
+
+
+def temporal_simple(frames: Sequence[np.ndarray], weights: Sequence[float], current: int, rounding: str = ROUND) -> np.ndarray:
+    """The "simple" temporal blend: frames weighted and renormalised, `frames[current]` being the centre.
+
+    In floor mode this is the extension's running normalised mean (a neighbour whose running
+    weight sum is not positive is skipped). In both modes all-zero weights (or any whose sum is
+    not positive) keep the current frame, where the extension returned the oldest neighbour.
+    """
+    total = float(sum(weights))
+    if total <= 0:
+        return frames[current]
+    if rounding == FLOOR:
+        acc, running = frames[0], 0.0
+        for w, image in zip(weights, frames):
+            running += w
+            if running <= 0:
+                continue
+            acc = blend(acc, image, w / running, FLOOR)
+        return acc
+    acc32 = sum(np.float32(w) * f.astype(np.float32) for w, f in zip(weights, frames))
+    return _quantise(acc32 / np.float32(total), rounding)

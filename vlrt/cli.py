@@ -1,0 +1,100 @@
+"""The `vlrt` command: argument parsing and the one place errors become exit statuses.
+
+Render settings are generated from `Settings` (one `--kebab-case` option per field), so the
+command line, the config file and the settings file can never disagree about a name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from vlrt import __version__
+from vlrt.errors import VlrtError
+from vlrt.settings import Settings, build_settings, load_config
+
+
+def _type_of(annotation: str) -> Any:
+    if annotation.startswith("int"):
+        return int
+    if annotation.startswith("float"):
+        return float
+    return str
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per setting; only options actually given override the config file."""
+    group = parser.add_argument_group("render settings (also accepted in --config TOML with snake_case names)")
+    for f in fields(Settings):
+        flags = ["--" + f.name.replace("_", "-")]
+        if f.metadata["alias"]:
+            flags.append("--" + f.metadata["alias"].replace("_", "-"))
+        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        if f.type.startswith("bool"):
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(
+                *flags,
+                dest=f.name,
+                type=_type_of(f.type),
+                choices=f.metadata["choices"],
+                default=argparse.SUPPRESS,
+                metavar=f.name.upper() if not f.metadata["choices"] else None,
+                help=help_text,
+            )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    config = load_config(Path(args.config)) if getattr(args, "config", None) else {}
+    overrides = {f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)}
+    return build_settings(config, overrides)
+
+
+def _render(args: argparse.Namespace) -> int:
+    from vlrt.pipeline import render
+
+    preview = Path(args.preview) if args.preview else None
+    render(settings_from_args(args), args.input, args.output, quiet=args.quiet, preview=preview)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlrt", description="Streaming video loopback renderer for Stable Diffusion img2img.")
+    parser.add_argument("--version", action="version", version=f"vlrt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    render = commands.add_parser("render", help="render a video through SD img2img loopback")
+    render.add_argument("input", help="video file, image folder, one image, or '-' for standard input")
+    render.add_argument("-o", "--output", required=True, help="video file, folder/ of PNGs, or '-' for standard output")
+    render.add_argument("--config", help="TOML file of settings (command-line options override it)")
+    render.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
+    render.add_argument("--preview", help="also write a PNG of a few input frames above the same frames rendered")
+    add_settings_arguments(render)
+    render.set_defaults(run=_render)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except VlrtError as exc:
+        print(f"vlrt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("vlrt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader of standard output went away; stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print("vlrt: error: output pipe closed by the reader", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

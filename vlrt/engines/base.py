@@ -1,0 +1,84 @@
+"""The one interface every backend implements.
+
+An engine is one compiled network with named inputs and outputs (DESIGN.md §4). Every backend
+takes and returns torch tensors, so the executor and the samplers never care which one runs.
+
+Components and their tensors (B is the dynamic batch, at most `max_batch`):
+
+| component     | inputs                                                               | outputs                  |
+|---------------|----------------------------------------------------------------------|--------------------------|
+| unet          | sample [B,C,h,w] f32, timestep [B] f32, encoder_hidden_states [B,S,D] | noise_pred [B,C,h,w]     |
+| vae_encoder   | image [B,3,H,W] in [-1, 1]                                            | moments [B,2C,h,w]       |
+| vae_decoder   | latent [B,C,h,w] (already divided by the scaling factor)              | image [B,3,H,W] in [-1,1]|
+| fastdvdnet_block1 / fastdvdnet_block2 | frames [B,9,H,W] in [0,1], noise_map [B,1,H,W] | frame [B,3,H,W]     |
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+UNET = "unet"
+VAE_ENCODER = "vae_encoder"
+VAE_DECODER = "vae_decoder"
+FASTDVDNET_BLOCK1 = "fastdvdnet_block1"
+FASTDVDNET_BLOCK2 = "fastdvdnet_block2"
+
+INPUT_NAMES: dict[str, tuple[str, ...]] = {
+    UNET: ("sample", "timestep", "encoder_hidden_states"),
+    VAE_ENCODER: ("image",),
+    VAE_DECODER: ("latent",),
+    FASTDVDNET_BLOCK1: ("frames", "noise_map"),
+    FASTDVDNET_BLOCK2: ("frames", "noise_map"),
+}
+OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
+    UNET: ("noise_pred",),
+    VAE_ENCODER: ("moments",),
+    VAE_DECODER: ("image",),
+    FASTDVDNET_BLOCK1: ("frame",),
+    FASTDVDNET_BLOCK2: ("frame",),
+}
+
+
+class Engine(ABC):
+    """One network behind a uniform call: a dict of named tensors in, a dict out."""
+
+    backend: str = "?"
+
+    def __init__(self, component: str, max_batch: int, device: torch.device) -> None:
+        self.component = component
+        self.max_batch = max_batch
+        self.device = device
+        self.calls = 0
+
+    @abstractmethod
+    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run one batch of at most `max_batch` rows."""
+
+    def __call__(self, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Run any number of rows, split into calls of at most `max_batch`."""
+        rows = next(iter(feed.values())).shape[0]
+        if rows <= self.max_batch:
+            self.calls += 1
+            return self._run(feed)
+        parts: list[dict[str, torch.Tensor]] = []
+        for start in range(0, rows, self.max_batch):
+            self.calls += 1
+            parts.append(self._run({k: v[start : start + self.max_batch] for k, v in feed.items()}))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@dataclass
+class EngineSet:
+    """The engines one render runs on."""
+
+    unet: Engine
+    vae_encoder: Engine
+    vae_decoder: Engine
+
+    @property
+    def calls(self) -> dict[str, int]:
+        return {e.component: e.calls for e in (self.unet, self.vae_encoder, self.vae_decoder)}

@@ -1,0 +1,42 @@
+"""The reference backend: the modules of `modules.py` run eagerly in PyTorch."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from vlrt.engines.base import INPUT_NAMES, OUTPUT_NAMES, UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet
+from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
+
+
+class TorchEngine(Engine):
+    """Runs a tensor-in, tensor-out module; casts to the module's dtype and back to float32."""
+
+    backend = "torch"
+
+    def __init__(self, component: str, module: nn.Module, max_batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__(component, max_batch, device)
+        self.module = module.to(device=device, dtype=dtype).eval()
+        self.dtype = dtype
+
+    @torch.inference_mode()
+    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Timesteps stay float32: fp16 cannot hold fractional timesteps near 1000 exactly.
+        args = [
+            feed[name].to(self.device, torch.float32 if name == "timestep" else self.dtype)
+            for name in INPUT_NAMES[self.component]
+        ]
+        out = self.module(*args)
+        (name,) = OUTPUT_NAMES[self.component]
+        return {name: out.float()}
+
+
+def torch_engines(unet: nn.Module, vae: nn.Module, max_batch: int, device: torch.device, dtype: torch.dtype) -> EngineSet:
+    """The reference engines straight from diffusers' modules."""
+    return EngineSet(
+        unet=TorchEngine(UNET, UNetModule(unet), max_batch, device, dtype),
+        vae_encoder=TorchEngine(VAE_ENCODER, VaeEncoderModule(vae), max_batch, device, dtype),
+        vae_decoder=TorchEngine(VAE_DECODER, VaeDecoderModule(vae), max_batch, device, dtype),
+    )

@@ -1,0 +1,131 @@
+"""One img2img sample as a state machine the executor advances a phase at a time.
+
+The job reproduces diffusers' `StableDiffusionImg2ImgPipeline` for one sample: the posterior
+sample and the initial noise come from the sample's own generator (in that order), the
+scheduler starts at `int(steps * strength)` steps from the end, CFG mixes the unconditional and
+conditional predictions, and the decoded image is rounded to 8 bits the same way. What differs is
+only who runs the networks: the executor batches the rows of many jobs into one engine call.
+"""
+
+from __future__ import annotations
+
+import inspect
+from enum import Enum
+
+import numpy as np
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from vlrt.noise import generator, variation_noise
+
+
+class Phase(Enum):
+    ENCODE = "encode"
+    DENOISE = "denoise"
+    DECODE = "decode"
+    DONE = "done"
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) to float32 (3, H, W) in [-1, 1], as diffusers' image processor does."""
+    return torch.from_numpy(image).permute(2, 0, 1).float().div(255.0).mul(2.0).sub(1.0)
+
+
+def tensor_to_image(image: torch.Tensor) -> np.ndarray:
+    """float (3, H, W) in [-1, 1] to uint8 (H, W, 3), rounded as diffusers' image processor does."""
+    x = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+    return (x * 255).round().astype(np.uint8)
+
+
+class Img2ImgJob:
+    """One sample of one frame of one loop pass, from init image to SD output."""
+
+    def __init__(
+        self,
+        image: np.ndarray,
+        cond: torch.Tensor,
+        uncond: torch.Tensor,
+        guidance: float,
+        scheduler: SchedulerMixin,
+        strength: float,
+        seed: int,
+        subseed: int,
+        subseed_strength: float,
+        scaling_factor: float,
+        shift_factor: float = 0.0,
+    ) -> None:
+        self.image = image
+        self.cond, self.uncond = cond, uncond
+        self.guidance = guidance
+        self.cfg = guidance > 1.0
+        self.scheduler = scheduler
+        self.generator = generator(seed)
+        self.subseed = subseed
+        self.subseed_strength = subseed_strength
+        self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+        steps = len(scheduler.timesteps) // scheduler.order
+        init_steps = min(int(steps * strength), steps)
+        t_start = max(steps - init_steps, 0)
+        self.timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        self.step_kwargs = {"generator": self.generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        self.index = 0
+        self.latents: torch.Tensor | None = None
+        self.result: np.ndarray | None = None
+        # With no sampling step left (strength too low for the step count) the init image is the result.
+        self.phase = Phase.ENCODE if len(self.timesteps) else Phase.DONE
+        if self.phase is Phase.DONE:
+            self.result = image
+
+    @property
+    def done(self) -> bool:
+        return self.phase is Phase.DONE
+
+    # --- ENCODE ---
+    def encoder_input(self) -> torch.Tensor:
+        return image_to_tensor(self.image)
+
+    def take_moments(self, moments: torch.Tensor) -> None:
+        """Sample the posterior, then noise it to the first timestep (same generator order as diffusers)."""
+        posterior = DiagonalGaussianDistribution(moments.unsqueeze(0).float().cpu())
+        init = (posterior.sample(self.generator) - self.shift_factor) * self.scaling_factor
+        noise = variation_noise(tuple(init.shape), self.generator, self.subseed, self.subseed_strength)
+        self.latents = self.scheduler.add_noise(init, noise, self.timesteps[:1])
+        self.phase = Phase.DENOISE
+
+    # --- DENOISE ---
+    @property
+    def rows(self) -> int:
+        return 2 if self.cfg else 1
+
+    def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This job's UNet rows: (sample, timestep, text embeddings), unconditional row first."""
+        t = self.timesteps[self.index]
+        latents = torch.cat([self.latents] * self.rows)
+        sample = self.scheduler.scale_model_input(latents, t)
+        timestep = torch.full((self.rows,), float(t), dtype=torch.float32)
+        embeds = torch.cat([self.uncond, self.cond]) if self.cfg else self.cond
+        return sample, timestep, embeds
+
+    def take_noise_pred(self, noise_pred: torch.Tensor) -> None:
+        """Advance the scheduler one step with this job's rows of the UNet output."""
+        noise_pred = noise_pred.float().cpu()
+        if self.cfg:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + self.guidance * (cond - uncond)
+        t = self.timesteps[self.index]
+        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        self.index += 1
+        if self.index == len(self.timesteps):
+            self.phase = Phase.DECODE
+
+    # --- DECODE ---
+    def decoder_input(self) -> torch.Tensor:
+        return (self.latents[0] / self.scaling_factor) + self.shift_factor
+
+    def take_image(self, image: torch.Tensor) -> None:
+        self.result = tensor_to_image(image)
+        self.latents = None
+        self.phase = Phase.DONE

@@ -1,0 +1,280 @@
+"""Wires one render: source → resize → loop passes → sink, driven frame by frame.
+
+The driver feeds frames from the source while the pipeline holds fewer than its capacity,
+moves finished frames from each stage to the next (and to the per-pass videos), and, when no
+stage can move, lets the executor run one batched round of engine work. Memory therefore depends
+on the capacity, never on the length of the video, and the first output frame leaves after about
+loop_n·(h+in_flight) input frames.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from vlrt import __version__
+from vlrt.engines.base import EngineSet
+from vlrt.errors import VlrtError
+from vlrt.executor import Executor
+from vlrt.frames import Frame
+from vlrt.io.sinks import Sink, open_sink
+from vlrt.io.sources import Source, open_source
+from vlrt.models import Model, load_model
+from vlrt.params import ParamResolver
+from vlrt.preview import PreviewCollector
+from vlrt.progress import Progress
+from vlrt.resize import resize_frame
+from vlrt.samplers import check_sampler
+from vlrt.settings import Settings, dump_settings
+from vlrt.stages.base import Stage
+from vlrt.stages.loop_pass import LoopPass
+
+
+@dataclass
+class RenderResult:
+    frames: int
+    output: str
+    settings: Settings
+    engine_calls: dict[str, int]
+    seconds: float
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VlrtError("device cuda was asked for but torch sees no CUDA GPU: use --device cpu or install a CUDA build of torch")
+    return torch.device(name)
+
+
+def frame_size(settings: Settings, source_w: int, source_h: int, multiple: int) -> tuple[int, int]:
+    """The render size: given, or the source's rounded down to a multiple of the VAE scale factor."""
+    sizes = []
+    for name, given, source in (("width", settings.width, source_w), ("height", settings.height, source_h)):
+        if given is None:
+            given = source // multiple * multiple
+            if given < multiple:
+                raise VlrtError(f"the input is {source} pixels in {name}, smaller than the model's minimum {multiple}: pass --{name}")
+        elif given < multiple or given % multiple:
+            lower = max(multiple, given // multiple * multiple)
+            raise VlrtError(
+                f"{name} {given} is not a multiple of {multiple} (the model's VAE scale factor): use {lower} or {lower + multiple}"
+            )
+        sizes.append(given)
+    return sizes[0], sizes[1]
+
+
+def open_engines(settings: Settings, model: Model, device: torch.device) -> EngineSet:
+    """The engines for this render's backend."""
+    from vlrt.engines.torch_engine import torch_engines
+
+    if settings.backend not in ("torch",):
+        raise VlrtError(f"backend {settings.backend!r} is not available in this build: use --backend torch")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    return torch_engines(model.unet, model.vae, settings.max_batch, device, dtype)
+
+
+def concrete_seeds(settings: Settings) -> Settings:
+    """Seeds of −1 replaced by random ones, once per run, so the settings file repeats the run."""
+    seed = settings.seed if settings.seed != -1 else secrets.randbelow(2**32)
+    subseed = settings.subseed if settings.subseed != -1 else secrets.randbelow(2**32)
+    return replace(settings, seed=seed, subseed=subseed)
+
+
+def settings_path(output: str) -> Path | None:
+    """Where the settings of a run are written: beside a file output, inside a folder output."""
+    if output == "-":
+        return None
+    path = Path(output)
+    if output.endswith(("/", "\\")) or path.is_dir():
+        return path / "settings.toml"
+    return path.with_name(path.name + ".settings.toml")
+
+
+def loop_output(output: str, loop_number: int) -> str:
+    """The per-pass output beside the main one: out.mp4 → out-loop_1.mp4, out/ → out-loop_1/."""
+    path = Path(output)
+    if output.endswith(("/", "\\")) or path.is_dir():
+        return str(path.with_name(f"{path.name}-loop_{loop_number}")) + "/"
+    return str(path.with_name(f"{path.stem}-loop_{loop_number}{path.suffix}"))
+
+
+class Pipeline:
+    """A chain of stages between a source and a sink, with bounded occupancy."""
+
+    def __init__(self, stages: list[Stage], executor: Executor, capacity: int, taps: dict[int, Sink]) -> None:
+        self.stages = stages
+        self.executor = executor
+        self.capacity = capacity
+        self.taps = taps
+
+    def run(self, frames: Iterator[Frame], sink: Sink, progress: Progress, on_output: Callable[[Frame], None]) -> int:
+        """Push every frame through; returns the number of frames written."""
+        stages, written, source_done = self.stages, 0, False
+        if not stages:
+            for frame in frames:
+                on_output(frame)
+                sink.write(frame)
+                written += 1
+            return written
+        while not stages[-1].finished:
+            moved = False
+            while not source_done and sum(s.held for s in stages) < self.capacity:
+                frame = next(frames, None)
+                if frame is None:
+                    stages[0].close()
+                    source_done = True
+                else:
+                    stages[0].push(frame)
+                moved = True
+            for i, stage in enumerate(stages):
+                for frame in stage.pop():
+                    moved = True
+                    if i in self.taps:
+                        self.taps[i].write(frame)
+                    if i + 1 < len(stages):
+                        stages[i + 1].push(frame)
+                    else:
+                        on_output(frame)
+                        sink.write(frame)
+                        written += 1
+                if stage.finished and i + 1 < len(stages) and not stages[i + 1].closed:
+                    stages[i + 1].close()
+                    moved = True
+            if moved:
+                progress.update(written, [s.emitted for s in stages])
+            elif self.executor.pending:
+                self.executor.run_once()
+            elif not stages[-1].finished:
+                raise RuntimeError("pipeline stalled with no pending work (a bug in a stage)")
+        return written
+
+
+def render(
+    settings: Settings,
+    input_spec: str,
+    output_spec: str,
+    *,
+    quiet: bool = False,
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+    model: Model | None = None,
+    preview: Path | None = None,
+) -> RenderResult:
+    """Render INPUT to OUTPUT with these settings; nothing that looks finished is left on failure."""
+    check_sampler(settings.sampler_name)
+    settings = concrete_seeds(settings)
+    resolver = ParamResolver(settings, settings.seed, settings.subseed)
+    device = pick_device(settings.device)
+    if model is None:
+        model = load_model(settings.model, device)
+    source = _open_source(settings, input_spec, stdin)
+    with source:
+        width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
+        settings = replace(settings, width=width, height=height)
+        resolver.check_all_first()
+        progress = Progress(source.info.frame_count, settings.loop_n, quiet)
+        if model.is_demo:
+            progress.log("vlrt: using the built-in DEMO model (tiny, trained for a few minutes): not a real Stable Diffusion model")
+        executor = Executor(open_engines(settings, model, device))
+        fps = settings.output_fps(source.info.fps)
+        audio = source.info.path if source.info.has_audio and settings.extract_nth_frame == 1 and not settings.is_continue else None
+        stages = _loop_passes(settings, model, resolver, executor)
+        sinks: list[Sink] = []
+        try:
+            sink = _open_sink(settings, output_spec, fps, audio, stdout)
+            sinks.append(sink)
+            taps = {}
+            if settings.save_every_loop and settings.loop_n > 1:
+                if output_spec == "-":
+                    progress.log("vlrt: save_every_loop ignored: the output is a pipe")
+                else:
+                    for i in range(settings.loop_n - 1):
+                        taps[i] = _open_sink(settings, loop_output(output_spec, i + 1), fps, audio, None)
+                        sinks.append(taps[i])
+            in_flight = _in_flight(settings)
+            capacity = max(1, settings.loop_n) * (len(resolver.base_weights) + in_flight + 1)
+            pipeline = Pipeline(stages, executor, capacity, taps)
+            frames = (resize_frame(f, width, height, settings.resize_mode) for f in source)
+            collector = PreviewCollector(source.info.frame_count)
+            written = pipeline.run(collector.watch_inputs(frames), sink, progress, collector.see_output)
+            if written == 0:
+                raise VlrtError(f"input {input_spec} produced no frames: check it is a video or image folder with frames")
+            for s in sinks:
+                s.close()
+            if preview is not None:
+                collector.save(preview)
+        except BaseException:
+            for s in sinks:
+                s.abort()
+            progress.close()
+            raise
+        progress.close()
+    path = settings_path(output_spec)
+    if path is not None:
+        extra = {"version": __version__, "input": input_spec, "output": output_spec, "frames": written}
+        path.write_text(dump_settings(settings, extra), encoding="utf-8")
+    progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
+    return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
+
+
+def _in_flight(settings: Settings) -> int:
+    """Frames each pass keeps in flight so that one round fills about one engine call."""
+    rows_per_frame = settings.n_iter * settings.batch_size * (2 if settings.cfg_scale > 1 else 1)
+    return max(1, math.ceil(settings.max_batch / rows_per_frame))
+
+
+def _loop_passes(settings: Settings, model: Model, resolver: ParamResolver, executor: Executor) -> list[Stage]:
+    in_flight = _in_flight(settings)
+    return [
+        LoopPass(
+            loop,
+            model=model,
+            sampler_name=settings.sampler_name,
+            resolver=resolver,
+            executor=executor,
+            in_flight=in_flight,
+            rounding=settings.blend_rounding,
+        )
+        for loop in range(settings.loop_n)
+    ]
+
+
+def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None) -> Source:
+    size = None
+    if settings.input_size:
+        try:
+            w, h = (int(v) for v in settings.input_size.lower().split("x"))
+            size = (w, h)
+        except ValueError:
+            raise VlrtError(f"--input-size {settings.input_size!r} is not WxH, e.g. 640x360") from None
+    return open_source(
+        spec,
+        extract_nth_frame=settings.extract_nth_frame,
+        max_frames=settings.max_frames,
+        is_continue=settings.is_continue,
+        input_format=settings.input_format,
+        input_size=size,
+        input_fps=Fraction(settings.input_fps).limit_denominator(1001) if settings.input_fps else None,
+        stdin=stdin,
+    )
+
+
+def _open_sink(settings: Settings, spec: str, fps: Fraction, audio: Path | None, stdout: BinaryIO | None) -> Sink:
+    return open_sink(
+        spec,
+        fps=fps,
+        audio_from=audio,
+        codec=settings.codec,
+        crf=settings.crf,
+        lossless=settings.lossless,
+        output_format=settings.output_format,
+        stdout=stdout,
+    )

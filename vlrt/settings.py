@@ -1,0 +1,228 @@
+"""Every setting of a render, with the extension's and the WebUI API's names.
+
+One dataclass is the single source of truth: the TOML config (snake_case), the command line
+(`--kebab-case`, generated from the fields), the settings file written beside the output and
+the resume check all come from it. Command-line values override the config file.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from vlrt.errors import VlrtError
+
+# Field groups: "frames" settings change the rendered pictures (and must match on --resume);
+# "run" settings only change how the work is done or where it goes.
+FRAMES = "frames"
+RUN = "run"
+
+TEMPORAL_METHODS = ("simple", "with difference mask from reference")
+POST_PROCESS_METHODS = ("none", "fastdvdnet")
+BLEND_ROUNDINGS = ("round", "floor")
+
+
+def _f(default: Any, help: str, group: str = FRAMES, choices: tuple | None = None, alias: str | None = None) -> Any:
+    meta = {"help": help, "group": group, "choices": choices, "alias": alias}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Settings:
+    """A render's settings; defaults follow the extension unless a comment says why not."""
+
+    # --- the extension's own parameters (SPEC.md §1.1, §1.2) ---
+    loop_n: int = _f(10, "number of loop passes over the whole video")
+    superimpose_alpha: float = _f(0.25, "weight of the new SD result over the loop's input frame (0 keeps the input, 1 takes SD)")
+    fix_seed: bool = _f(True, "use the same seed for every frame and loop pass")
+    fix_subseed: bool = _f(False, "use the same variation subseed for every frame and loop pass")
+    temporal_superimpose_method: str = _f("simple", "how neighbouring frames are mixed into the init image", choices=TEMPORAL_METHODS)
+    temporal_superimpose_alpha_list: str = _f("1", "odd-length comma-separated temporal weights centred on the current frame ('1' = off)")
+    reference_frames_directory: str = _f("", "reference frame folder(s) for the difference-mask method, separated by '!!!'")
+    use_mask: bool = _f(False, "inpaint only inside a mask")
+    mask_directory: str = _f("", "mask folder (matched by frame name), one mask file, or empty for the input's alpha channel")
+    mask_threshold: int = _f(127, "mask pixels above this grey level are inpainted")
+    read_prompt_from_txt: bool = _f(False, "read a per-frame prompt from <frame>.txt beside each input frame")
+    output_frame_rate: float | None = _f(None, "output fps (default: the source's fps divided by extract_nth_frame)")
+    max_frames: int | None = _f(None, "use at most this many frames (required for a single-image input)")
+    extract_nth_frame: int = _f(1, "keep every n-th input frame")
+    is_continue: bool = _f(False, "do not subsample the input with extract_nth_frame (the extension's manual resume aid)")
+    # Off by default, unlike the extension: on long videos a video per loop pass costs more than it shows.
+    save_every_loop: bool = _f(False, "also write a video of every loop pass beside the output", group=RUN)
+    subseed_strength_schedule: str = _f("", "schedule for subseed_strength (expression of image_i, loop_i)")
+    denoising_schedule: str = _f("", "schedule for denoising_strength")
+    step_schedule: str = _f("", "schedule for steps")
+    seed_schedule: str = _f("", "schedule for seed")
+    subseed_schedule: str = _f("", "schedule for subseed")
+    cfg_schedule: str = _f("", "schedule for cfg_scale")
+    superimpose_alpha_schedule: str = _f("", "schedule for superimpose_alpha")
+    temporal_superimpose_schedule: str = _f("", "schedule for the temporal weights (a list as long as the initial one)")
+    prompt_schedule: str = _f("", "schedule for prompt")
+    negative_prompt_schedule: str = _f("", "schedule for negative_prompt")
+    batch_count_schedule: str = _f("", "schedule for n_iter, or (n_iter, batch_size) when it returns a pair")
+    image_post_processing_schedule: str = _f("", "'lambda img: img.filter(ImageFilter.X) if … else img' applied to each finished frame")
+    video_post_process_method: str = _f("none", "video post-process after every loop pass", choices=POST_PROCESS_METHODS)
+    video_post_process_alpha: float = _f(0.3, "weight of the denoised frame over the undenoised one")
+    fastdvdnet_noise_sigma: float = _f(60.0, "FastDVDNet noise sigma on the 0-255 scale (trained for 5-55)")
+
+    # --- inherited WebUI parameters, with the WebUI HTTP API's names (SPEC.md §1.3) ---
+    prompt: str = _f("", "prompt")
+    negative_prompt: str = _f("", "negative prompt")
+    sampler_name: str = _f("Euler a", "sampler, by its WebUI name (see 'vlrt render --help')")
+    steps: int = _f(20, "sampling steps (img2img runs int(steps * denoising_strength) of them)")
+    cfg_scale: float = _f(7.0, "classifier-free guidance scale")
+    denoising_strength: float = _f(0.4, "img2img denoising strength")
+    seed: int = _f(-1, "seed (-1: a random one, recorded in the settings file)")
+    subseed: int = _f(-1, "variation seed (-1: a random one)")
+    subseed_strength: float = _f(0.0, "variation strength: slerp from the seed's noise to the subseed's")
+    batch_size: int = _f(1, "samples per frame in one batch; the samples are averaged (batch blend)")
+    n_iter: int = _f(1, "batches per frame; all samples are averaged", alias="batch_count")
+    width: int | None = _f(None, "frame width (default: the source width rounded down to what the model takes)")
+    height: int | None = _f(None, "frame height (default: the source height rounded down)")
+    resize_mode: int = _f(0, "0 just resize, 1 crop and resize, 2 resize and fill", choices=(0, 1, 2))
+
+    # --- vlrt's own ---
+    blend_rounding: str = _f(
+        "round",
+        "8-bit rounding of blends: 'round' (exact means) or 'floor' (the extension's Pillow arithmetic, bit for bit)",
+        choices=BLEND_ROUNDINGS,
+    )
+    model: str = _f("", "a diffusers Stable Diffusion folder, or 'demo' for the built-in tiny demo model")
+    backend: str = _f("torch", "engine backend", group=RUN, choices=("auto", "torch", "ort", "trt"))
+    device: str = _f("auto", "torch device: auto, cpu or cuda", group=RUN)
+    max_batch: int = _f(8, "most UNet rows per engine call; 1 turns batching off", group=RUN)
+    engines: str = _f("engines", "engine cache folder", group=RUN)
+    crf: float = _f(17.0, "H.264/VP9 quality of video outputs (lower is better)", group=RUN)
+    lossless: bool = _f(False, "bit-exact lossless video output", group=RUN)
+    codec: str | None = _f(None, "video codec of the output (default by extension)", group=RUN)
+    output_format: str = _f("nut", "container for '-' output", group=RUN, choices=("nut", "matroska", "mpegts", "y4m", "rawvideo"))
+    input_format: str | None = _f(None, "container of '-' input; 'rawvideo' needs --input-size and --input-fps", group=RUN)
+    input_size: str | None = _f(None, "WxH of rawvideo input", group=RUN)
+    input_fps: float | None = _f(None, "fps of rawvideo input", group=RUN)
+
+    def frame_settings(self) -> dict[str, Any]:
+        """The settings that change the rendered frames (what --resume compares)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata["group"] == FRAMES}
+
+    def temporal_weights(self) -> list[float]:
+        """The initial temporal weight list, checked: odd length, numbers only."""
+        return parse_temporal_weights(self.temporal_superimpose_alpha_list)
+
+    def output_fps(self, source_fps: Fraction | None) -> Fraction:
+        """The output frame rate: explicit, else the source's divided by the subsampling step."""
+        if self.output_frame_rate is not None:
+            return Fraction(self.output_frame_rate).limit_denominator(1001)
+        if source_fps is None:
+            return Fraction(30)
+        step = 1 if self.is_continue else self.extract_nth_frame
+        return source_fps / step
+
+
+def parse_temporal_weights(text: str) -> list[float]:
+    """Comma-separated weights; empty means [1] (off). The length must be odd so one is centred."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        weights = [float(p) for p in parts] or [1.0]
+    except ValueError:
+        raise VlrtError(
+            f"temporal_superimpose_alpha_list {text!r} is not a comma-separated list of numbers: use e.g. '0.1,0.8,0.1'"
+        ) from None
+    if len(weights) % 2 == 0:
+        raise VlrtError(
+            f"temporal_superimpose_alpha_list has {len(weights)} weights; it needs an odd number "
+            "(the middle one is the current frame), e.g. '0.1,0.8,0.1'"
+        )
+    if not all(math.isfinite(w) for w in weights):
+        raise VlrtError(f"temporal_superimpose_alpha_list {text!r} holds a non-finite weight: use finite numbers")
+    return weights
+
+
+SETTINGS_FIELDS = {f.name: f for f in fields(Settings)}
+ALIASES = {f.metadata["alias"]: f.name for f in fields(Settings) if f.metadata["alias"]}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check a config value against the field's type, converting where the meaning is unambiguous."""
+    f = SETTINGS_FIELDS[name]
+    kind = f.type if isinstance(f.type, str) else f.type.__name__
+    if value is None and "None" in kind:
+        return None
+    try:
+        if kind.startswith("bool"):
+            if not isinstance(value, bool):
+                raise TypeError
+        elif kind.startswith("int"):
+            if isinstance(value, bool) or not float(value).is_integer():
+                raise TypeError
+            value = int(value)
+        elif kind.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif kind.startswith("str"):
+            if isinstance(value, list) and name == "temporal_superimpose_alpha_list":
+                value = ",".join(str(v) for v in value)
+            if not isinstance(value, str):
+                raise TypeError
+    except (TypeError, ValueError):
+        raise VlrtError(f"setting {name} = {value!r} should be of type {kind}: fix it in the config or on the command line") from None
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise VlrtError(f"setting {name} = {value!r} is not one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def build_settings(config: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from a config mapping, then command-line overrides; unknown names are errors."""
+    values: dict[str, Any] = {}
+    for source in (config or {}, overrides or {}):
+        for key, value in source.items():
+            name = ALIASES.get(key, key)
+            if name not in SETTINGS_FIELDS:
+                close = [n for n in SETTINGS_FIELDS if n.split("_")[0] == name.split("_")[0]][:3]
+                hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                raise VlrtError(f"unknown setting {key!r}{hint}: see 'vlrt render --help' for the names")
+            values[name] = _coerce(name, value)
+    settings = Settings(**values)
+    settings.temporal_weights()
+    for name in ("loop_n", "steps", "batch_size", "n_iter", "extract_nth_frame", "max_batch"):
+        minimum = 0 if name == "loop_n" else 1
+        if getattr(settings, name) < minimum:
+            raise VlrtError(f"setting {name} = {getattr(settings, name)} must be at least {minimum}")
+    if settings.max_frames is not None and settings.max_frames < 1:
+        raise VlrtError(f"setting max_frames = {settings.max_frames} must be at least 1")
+    return settings
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """A TOML config file's settings (a [render] table or top-level keys)."""
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise VlrtError(f"config file {path} does not exist: check the --config path") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise VlrtError(f"config file {path} is not valid TOML: {exc}") from None
+    return data.get("render", data)
+
+
+def dump_settings(settings: Settings, extra: dict[str, Any] | None = None) -> str:
+    """The settings as a TOML document that `--config` reads back to repeat the run."""
+    values = {k: v for k, v in asdict(settings).items() if v is not None}
+    doc: dict[str, Any] = {"render": values}
+    if extra:
+        doc["vlrt"] = extra
+    return tomli_w.dumps(doc)
+
+
+def field_default(name: str) -> Any:
+    """The default of one setting (for help texts and docs)."""
+    f = SETTINGS_FIELDS[name]
+    return f.default_factory() if f.default is MISSING else f.default  # type: ignore[misc]
