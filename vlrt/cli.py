@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlrt import __version__
-from vlrt.errors import VlrtError
+from vlrt.errors import OutputClosed, VlrtError
 from vlrt.settings import Settings, build_settings, load_config
 
 
@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
+    except OutputClosed as exc:
+        _silence_stdout()
+        print(f"vlrt: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except VlrtError as exc:
         print(f"vlrt: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -90,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
         print("vlrt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
-        # The reader of standard output went away; stop quietly, as Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         print("vlrt: error: output pipe closed by the reader", file=sys.stderr)
         return 3
+
+
+def _silence_stdout() -> None:
+    """After the reader of standard output went away, point it at /dev/null so Python's exit-time
+    flush does not print a second error."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""Carrying the input's sound into a video output while the video is being written.
+
+The source file is opened a second time, for its first audio track only, and read just up
+to the time of the last video frame written, so sound is interleaved with the picture and
+nothing is buffered beyond what the muxer needs, however long the video. The track is
+copied when the output container accepts its codec, else re-encoded (AAC, or Opus for WebM,
+which accepts nothing else). It ends with the video: a copied track with the last packet
+that starts before the video ends (so up to one packet, ~21 ms for AAC, longer), a
+re-encoded one at the exact sample.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from vlrt.errors import VlrtError
+from vlrt.io.av_errors import reason
+
+_REENCODE = {"webm": ("libopus", 128_000, 48_000)}
+_DEFAULT_REENCODE = ("aac", 192_000, None)  # None: keep the source's sample rate
+
+
+class AudioPassthrough:
+    """The first audio track of `source`, fed into `output` in step with its video.
+
+    Time 0 of the output is the start of the source's video stream, so picture and sound
+    keep the alignment they had. Must be created before anything is muxed into `output`.
+    """
+
+    def __init__(self, source: av.container.InputContainer, output: av.container.OutputContainer) -> None:
+        self._input = source
+        self._output = output
+        self._in = source.streams.audio[0]
+        self._offset = self._video_start()
+        try:
+            self._out = output.add_stream_from_template(self._in)
+            self._encoder = None
+        except ValueError:  # the container does not take this codec as it is
+            codec, bit_rate, rate = _REENCODE.get(output.format.name, _DEFAULT_REENCODE)
+            layout = "mono" if self._in.codec_context.channels == 1 else "stereo"
+            self._out = output.add_stream(codec, rate=rate or self._in.codec_context.sample_rate, layout=layout)
+            self._out.bit_rate = bit_rate
+            self._encoder = self._out
+        self._packets = self._input.demux(self._in)
+        self._pending: av.Packet | None = None
+        self._exhausted = False
+        self._cursor = 0  # re-encoding: output sample where the next decoded frame goes
+
+    def _video_start(self) -> float:
+        videos = self._input.streams.video
+        if videos and videos[0].start_time is not None:
+            return float(videos[0].start_time * videos[0].time_base)
+        return 0.0
+
+    def _next_packet(self) -> av.Packet | None:
+        """The next audio packet (peeked, not consumed), None at the end of the track."""
+        while self._pending is None and not self._exhausted:
+            packet = next(self._packets, None)
+            if packet is None:
+                self._exhausted = True
+            elif packet.pts is not None and packet.dts is not None:
+                self._pending = packet
+        return self._pending
+
+    def feed_until(self, seconds: float, *, final: bool = False) -> None:
+        """Mux the sound that starts before `seconds` (output time); `final` also cuts there."""
+        cut = seconds if final else None
+        while (packet := self._next_packet()) is not None:
+            start = float(packet.pts * packet.time_base) - self._offset
+            if start >= seconds:
+                return
+            self._pending = None
+            if self._encoder is None:
+                self._copy(packet, start)
+            else:
+                for frame in packet.decode():
+                    self._encode(frame, cut)
+
+    def _copy(self, packet: av.Packet, start: float) -> None:
+        if start + float((packet.duration or 0) * packet.time_base) <= 0:
+            return  # sound from before the first video frame
+        shift = round(self._offset / packet.time_base)
+        packet.pts -= shift
+        packet.dts -= shift
+        packet.stream = self._out
+        self._output.mux(packet)
+
+    def _encode(self, frame: av.AudioFrame, end: float | None) -> None:
+        """Re-encode `frame`, without what lies before time 0 or after `end` (when given)."""
+        rate = frame.sample_rate
+        if frame.pts is None:  # some decoders leave it out: the frame follows the previous one
+            first = self._cursor
+        else:
+            first = round((float(frame.pts * frame.time_base) - self._offset) * rate)
+        self._cursor = first + frame.samples
+        keep_from, keep_to = max(0, -first), frame.samples
+        if end is not None:
+            keep_to = min(keep_to, round(end * rate) - first)
+        if keep_to <= keep_from:
+            return
+        if (keep_from, keep_to) != (0, frame.samples):
+            frame = _slice(frame, keep_from, keep_to)
+        frame.pts, frame.time_base = first + keep_from, Fraction(1, rate)
+        self._output.mux(self._encoder.encode(frame))
+
+    def finish(self, end: float) -> None:
+        """Mux the rest of the sound up to `end` seconds, flush the encoder, release the input."""
+        try:
+            self.feed_until(end, final=True)
+            if self._encoder is not None:
+                for frame in self._in.decode(None):  # what the decoder still holds
+                    self._encode(frame, end)
+                self._output.mux(self._encoder.encode(None))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._input.close()
+
+
+def carry_audio(source: Path, output: av.container.OutputContainer) -> AudioPassthrough | None:
+    """Audio passthrough from `source` into `output`, or None when `source` has no sound."""
+    try:
+        container = av.open(str(source))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VlrtError(
+            f"cannot read the audio of '{source}' ({reason(exc)}): check the file, or render without audio"
+        ) from exc
+    if not container.streams.audio:
+        container.close()
+        return None
+    return AudioPassthrough(container, output)
+
+
+def _slice(frame: av.AudioFrame, start: int, stop: int) -> av.AudioFrame:
+    """Samples [start, stop) of `frame` as a new frame (planar or packed)."""
+    samples = frame.to_ndarray()
+    if frame.format.is_planar:
+        part = samples[:, start:stop]
+    else:
+        channels = len(frame.layout.channels)
+        part = samples[:, start * channels : stop * channels]
+    cut = av.AudioFrame.from_ndarray(np.ascontiguousarray(part), format=frame.format.name, layout=frame.layout.name)
+    cut.sample_rate = frame.sample_rate
+    return cut

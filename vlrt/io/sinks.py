@@ -1,0 +1,223 @@
+"""Where frames go: a video file, a folder of PNGs, or standard output.
+
+Every sink encodes on a background thread behind a bounded queue: `write()` only queues the
+frame, so encoding overlaps inference, and an encoder error comes back from the next
+`write()` or from `close()`. Nothing that looks finished is left by a failed run: a video
+file is written under a hidden temporary name beside the target and renamed onto it only
+by `close()`; `abort()` deletes it. PNG frames are each written to a temporary name and
+renamed, so a folder only ever holds whole frames. Codec choices are in `vlrt.io.encoding`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import BinaryIO
+
+from vlrt.errors import VlrtError
+from vlrt.frames import Frame
+from vlrt.io.encoding import file_muxer, pipe_muxer
+from vlrt.io.images import write_png
+from vlrt.io.pipes import PipeWriter
+from vlrt.io.threads import BackgroundWorker
+from vlrt.io.video_out import VideoEncoder
+
+QUEUED_FRAMES = 8
+# PyAV's I/O buffer on pipes. flush_packets already passes on every packet at once; a small
+# buffer also keeps a stalled reader from holding back more than a few KiB of a frame.
+PIPE_BUFFER_BYTES = 8192
+
+
+class Sink:
+    """Takes frames in index order; `close()` completes the output, `abort()` withdraws it.
+
+    As a context manager it closes on success and aborts when the block raised.
+    """
+
+    def __init__(self) -> None:
+        self._worker: BackgroundWorker[Frame] = BackgroundWorker(self._write_now, QUEUED_FRAMES, name="vlrt-encode")
+        self._done = False
+
+    def write(self, frame: Frame) -> None:
+        """Queue `frame`; raises the error of an earlier frame that failed to encode."""
+        if self._done:
+            raise RuntimeError("write() after close() or abort()")
+        self._worker.submit(frame)
+
+    def close(self) -> None:
+        """Encode what is queued and finish the output; on failure nothing is left behind."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._worker.finish()
+            self._finish()
+        except BaseException:
+            self._discard()
+            raise
+
+    def abort(self) -> None:
+        """Stop and remove what is incomplete (finished PNG frames stay: each is whole)."""
+        if self._done:
+            return
+        self._done = True
+        self._worker.cancel()
+        self._discard()
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # Hooks, run on the worker thread (`_write_now`) or after it has stopped (the others).
+    def _write_now(self, frame: Frame) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Complete the output once every frame is written."""
+
+    def _discard(self) -> None:
+        """Remove what must not look finished."""
+
+
+class PngFolderSink(Sink):
+    """Frames as `000000.png, 000001.png, …` named by frame index; RGBA when a frame has alpha.
+
+    Naming by index (not by count) lets a resumed run fill in exactly the missing frames.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VlrtError(
+                f"cannot create output folder '{folder}' ({exc.strerror}): choose a writable place"
+            ) from exc
+        self.folder = folder
+        super().__init__()
+
+    def _write_now(self, frame: Frame) -> None:
+        write_png(self.folder / f"{frame.index:06d}.png", frame.image, frame.alpha)
+
+
+class _EncodedSink(Sink):
+    """A sink that feeds a `VideoEncoder`."""
+
+    def __init__(self, encoder: VideoEncoder) -> None:
+        self._encoder = encoder
+        super().__init__()
+
+    def _write_now(self, frame: Frame) -> None:
+        self._encoder.write(frame)
+
+    def _finish(self) -> None:
+        self._encoder.finish()
+
+    def _discard(self) -> None:
+        self._encoder.discard()
+
+
+class VideoFileSink(_EncodedSink):
+    """A video file, written under a temporary name and moved into place by `close()`."""
+
+    def __init__(self, path: Path, encoder_args: dict) -> None:
+        muxer = file_muxer(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VlrtError(
+                f"cannot create the folder of output '{path}' ({exc.strerror}): choose a writable place"
+            ) from exc
+        self.path = path
+        # Hidden, in the same folder (so the rename is atomic), keeping the real extension.
+        self.partial = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
+        options = {"movflags": "+faststart"} if muxer in ("mp4", "mov") else {}
+        encoder = VideoEncoder(
+            str(self.partial), f"'{path}'", muxer=muxer, pipe=False, container_options=options, **encoder_args
+        )
+        super().__init__(encoder)
+
+    def _finish(self) -> None:
+        if self._encoder.frames_written == 0:
+            raise VlrtError(f"no frames were rendered, so output '{self.path}' was not written: check the input")
+        super()._finish()
+        with open(self.partial, "rb") as written:
+            os.fsync(written.fileno())  # the data is on disk before the name says it is complete
+        os.replace(self.partial, self.path)
+
+    def _discard(self) -> None:
+        super()._discard()
+        self.partial.unlink(missing_ok=True)
+
+
+class PipeVideoSink(_EncodedSink):
+    """A streamable container on standard output, flushed after every frame."""
+
+    def __init__(self, stream: BinaryIO, muxer: str, encoder_args: dict) -> None:
+        # Matroska closes a cluster only when the next packet arrives; the smallest cluster
+        # limit makes that every frame, so a reader lags by one frame, not several seconds.
+        options = {"cluster_size_limit": "0"} if muxer == "matroska" else {}
+        super().__init__(
+            VideoEncoder(
+                PipeWriter(stream), "standard output", muxer=muxer, pipe=True, container_options=options,
+                buffer_size=PIPE_BUFFER_BYTES, **encoder_args,
+            )
+        )
+
+
+class RawPipeSink(Sink):
+    """Bare rgb24 bytes on standard output (alpha dropped), flushed after every frame."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._pipe = PipeWriter(stream)
+        self._size: tuple[int, int] | None = None
+        super().__init__()
+
+    def _write_now(self, frame: Frame) -> None:
+        if self._size is None:
+            self._size = (frame.width, frame.height)
+        elif (frame.width, frame.height) != self._size:
+            width, height = self._size
+            raise ValueError(f"frame {frame.index} is {frame.width}x{frame.height}, the stream is {width}x{height}")
+        self._pipe.write(frame.image.tobytes())
+        self._pipe.flush()
+
+
+def _is_folder_spec(spec: str) -> bool:
+    return spec.endswith(("/", os.sep)) or Path(spec).is_dir()
+
+
+def open_sink(
+    spec: str,
+    *,
+    fps: Fraction,
+    audio_from: Path | None = None,
+    codec: str | None = None,
+    crf: float = 17,
+    lossless: bool = False,
+    output_format: str | None = None,
+    stdout: BinaryIO | None = None,
+) -> Sink:
+    """Open OUTPUT: a video file (format by extension), a folder for PNGs, or "-" for stdout.
+
+    `audio_from` (a file output only) carries that file's sound into the video, cut to its
+    length. Standard output takes `output_format` nut (default), matroska, mpegts, y4m or
+    rawvideo, lossless unless `codec` says otherwise. See `vlrt.io.encoding` for the codecs.
+    """
+    if not fps or fps <= 0:
+        raise VlrtError(f"output frame rate must be positive, got {fps}: set output_frame_rate")
+    encoder_args = {"fps": Fraction(fps), "codec": codec, "crf": crf, "lossless": lossless}
+    if spec == "-":
+        stream = stdout if stdout is not None else sys.stdout.buffer
+        if output_format == "rawvideo":
+            return RawPipeSink(stream)
+        return PipeVideoSink(stream, pipe_muxer(output_format), encoder_args)
+    if _is_folder_spec(spec):
+        return PngFolderSink(Path(spec))
+    return VideoFileSink(Path(spec), {**encoder_args, "audio_from": audio_from})

@@ -1,0 +1,284 @@
+"""Where frames come from: a video file, a folder of images, one image, or standard input.
+
+`open_source` checks the input and decodes its first frame before returning, so a missing,
+empty, corrupt or wrongly described input fails with one line before any output exists. The
+rest is decoded lazily on a background thread, a few frames ahead of the consumer: memory
+does not grow with the video's length and decoding overlaps inference.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from itertools import islice
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import av
+
+from vlrt.errors import VlrtError
+from vlrt.frames import Frame
+from vlrt.io import rawvideo
+from vlrt.io.images import is_image_file, list_images, read_image
+from vlrt.io.pipes import PipeReader
+from vlrt.io.threads import Prefetched, prefetch
+from vlrt.io.video_in import decoded_frames, estimate_frame_count, open_video, to_arrays, video_fps
+
+T = TypeVar("T")
+PREFETCH_FRAMES = 8
+STDIN_LABEL = "standard input"
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    """What is known about an input before its frames are read."""
+
+    width: int  # of the frames as decoded (the first frame's, for image folders)
+    height: int
+    fps: Fraction | None  # before subsampling; None for images unless input_fps says
+    frame_count: int | None  # frames it will yield (after subsampling and max_frames); estimate for video
+    path: Path | None  # the input file, for audio passthrough; None for folders and stdin
+    has_audio: bool
+    kind: str  # "video" | "folder" | "image" | "stdin"
+
+
+class Source:
+    """The frames of one input, in order, each once; iterate it a single time.
+
+    Frame.meta holds "path" (the file) for image-folder frames and "time" (seconds in the
+    source) for video frames. Use it as a context manager, or call `close()`, to stop the
+    decoder early and release the file.
+    """
+
+    def __init__(self, info: SourceInfo, frames: Iterator[Frame]) -> None:
+        self.info = info
+        self._frames: Iterator[Frame] | None = frames
+        self._live: Prefetched[Frame] | None = None
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._frames is None:
+            raise RuntimeError("a Source is read once: open the input again to re-read it")
+        self._live = prefetch(self._frames, PREFETCH_FRAMES, name="vlrt-decode")
+        self._frames = None
+        return self._live
+
+    def close(self) -> None:
+        if self._live is not None:
+            self._live.close()  # its worker closes the decoder
+        elif self._frames is not None:
+            self._frames.close()
+            self._frames = None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _pick(items: Iterable[T], nth: int, limit: int | None) -> Iterator[tuple[int, T]]:
+    """Every `nth` item from the first, at most `limit` of them, numbered from 0."""
+    return enumerate(islice(islice(items, 0, None, nth), limit))
+
+
+def _count(total: int | None, nth: int, limit: int | None) -> int | None:
+    if total is None:
+        return None
+    kept = math.ceil(total / nth)
+    return kept if limit is None else min(kept, limit)
+
+
+def _default_name(index: int) -> str:
+    return f"{index:06d}.png"
+
+
+def _start(
+    make_info: Callable[[Frame], SourceInfo], frames: Iterator[Frame], empty_message: str = "the input gave no frames"
+) -> Source:
+    """Decode the first frame now (it gives the size and proves the input is readable)."""
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise VlrtError(empty_message) from None
+    return Source(make_info(first), _chained(first, frames))
+
+
+def _chained(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
+    """`first` then `rest`, closing `rest` when this generator is closed early."""
+    try:
+        yield first
+        yield from rest
+    finally:
+        close = getattr(rest, "close", None)
+        if close is not None:
+            close()
+
+
+def _folder_source(folder: Path, nth: int, limit: int | None, fps: Fraction | None) -> Source:
+    files = list_images(folder)
+    if not files:
+        raise VlrtError(
+            f"input folder '{folder}' holds no images (.png, .jpg, ...): "
+            "point INPUT at a folder of frames, a video file or one image"
+        )
+    chosen = [path for _, path in _pick(files, nth, limit)]
+
+    def frames() -> Iterator[Frame]:
+        for index, path in enumerate(chosen):
+            image, alpha = read_image(path)
+            yield Frame(index, image, alpha, path.name, {"path": path})
+
+    def info(first: Frame) -> SourceInfo:
+        return SourceInfo(first.width, first.height, fps, len(chosen), None, False, "folder")
+
+    return _start(info, frames())
+
+
+def _image_source(path: Path, max_frames: int | None, fps: Fraction | None) -> Source:
+    if max_frames is None:
+        raise VlrtError(
+            f"input '{path}' is a single image: give max_frames (--max-frames N) to say how many frames to make of it"
+        )
+    image, alpha = read_image(path)
+
+    def frames() -> Iterator[Frame]:
+        for index in range(max_frames):  # copies: stages may change a frame in place
+            yield Frame(index, image.copy(), None if alpha is None else alpha.copy(), _default_name(index), {})
+
+    def info(first: Frame) -> SourceInfo:
+        return SourceInfo(first.width, first.height, fps, max_frames, path, False, "image")
+
+    return _start(info, frames())
+
+
+def _video_frames(
+    container: av.container.InputContainer, label: str, nth: int, limit: int | None
+) -> Iterator[Frame]:
+    decoded = decoded_frames(container, label)
+    try:
+        for index, frame in _pick(decoded, nth, limit):
+            image, alpha = to_arrays(frame)
+            yield Frame(index, image, alpha, _default_name(index), {"time": frame.time})
+    finally:
+        decoded.close()
+
+
+def _video_source(
+    file: Any, label: str, *, path: Path | None, kind: str, streaming: bool, nth: int, limit: int | None,
+    input_format: str | None, fps: Fraction | None,
+) -> Source:
+    container = open_video(file, label, format=input_format, streaming=streaming)
+    stream = container.streams.video[0]
+    has_audio = bool(container.streams.audio)
+    rate = fps or video_fps(stream)
+    total = None if streaming else _count(estimate_frame_count(container, stream), nth, limit)
+
+    def info(first: Frame) -> SourceInfo:
+        return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind)
+
+    return _start(
+        info,
+        _video_frames(container, label, nth, limit),
+        f"{label} decoded to zero frames: check that the video is complete and plays",
+    )
+
+
+def _raw_source(
+    raw: BinaryIO | Path, label: str, *, kind: str, size: tuple[int, int] | None,
+    nth: int, limit: int | None, fps: Fraction | None,
+) -> Source:
+    """Raw rgb24 frames from a stream, or from a file whose length must be whole frames."""
+    per_frame = rawvideo.frame_bytes(size, label)
+    path = raw if isinstance(raw, Path) else None
+    total = None
+    if path is not None:
+        file_size = path.stat().st_size
+        if file_size % per_frame:
+            raise VlrtError(
+                f"raw video {label} is {file_size} bytes, not a whole number of "
+                f"{size[0]}x{size[1]} rgb24 frames: {rawvideo.SIZE_HINT}"
+            )
+        total = _count(file_size // per_frame, nth, limit)
+
+    def frames() -> Iterator[Frame]:
+        stream = raw if path is None else path.open("rb")
+        try:
+            for index, image in _pick(rawvideo.raw_frames(stream, size, label), nth, limit):
+                yield Frame(index, image, None, _default_name(index), {})
+        finally:
+            if path is not None:
+                stream.close()
+
+    def info(first: Frame) -> SourceInfo:
+        return SourceInfo(first.width, first.height, fps, total, path, False, kind)
+
+    return _start(info, frames(), f"raw video on {label} ended before its first frame: check the producer")
+
+
+def _stdin_source(
+    stdin: BinaryIO | None, *, nth: int, limit: int | None, input_format: str | None,
+    input_size: tuple[int, int] | None, fps: Fraction | None,
+) -> Source:
+    stream = stdin if stdin is not None else sys.stdin.buffer
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        raise VlrtError(
+            "standard input is a terminal: pipe a video into vlrt (... | vlrt render - ...) or give an INPUT path"
+        )
+    if input_format == "rawvideo":
+        return _raw_source(stream, STDIN_LABEL, kind="stdin", size=input_size, nth=nth, limit=limit, fps=fps)
+    seekable = getattr(stream, "seekable", None)
+    # A redirected file can seek (so even a plain mp4 works); a pipe must be read as it comes.
+    streaming = not (seekable is not None and seekable())
+    return _video_source(
+        PipeReader(stream) if streaming else stream, STDIN_LABEL, path=None, kind="stdin", streaming=streaming,
+        nth=nth, limit=limit, input_format=input_format, fps=fps,
+    )
+
+
+def open_source(
+    spec: str,
+    *,
+    extract_nth_frame: int = 1,
+    max_frames: int | None = None,
+    is_continue: bool = False,
+    input_format: str | None = None,
+    input_size: tuple[int, int] | None = None,
+    input_fps: Fraction | None = None,
+    stdin: BinaryIO | None = None,
+) -> Source:
+    """Open INPUT: a video file, a folder of images, one image, or "-" for standard input.
+
+    Keeps every `extract_nth_frame`-th frame from the first, then at most `max_frames`
+    (`is_continue` skips the subsampling, as in the original extension). `input_fps`
+    overrides the rate a video declares and gives one to image inputs. `input_format`
+    forces a demuxer; "rawvideo" reads bare rgb24 frames of `input_size` (W, H).
+    """
+    nth = 1 if is_continue else extract_nth_frame
+    if nth < 1:
+        raise VlrtError(f"extract_nth_frame must be 1 or more, got {extract_nth_frame}: 1 keeps every frame")
+    if max_frames is not None and max_frames < 1:
+        raise VlrtError(f"max_frames must be 1 or more, got {max_frames}: leave it out to read every frame")
+    fps = Fraction(input_fps) if input_fps else None
+    if input_size is not None and input_format != "rawvideo":
+        raise VlrtError("--input-size only applies to raw frames: add --input-format rawvideo or drop --input-size")
+    if spec == "-":
+        return _stdin_source(
+            stdin, nth=nth, limit=max_frames, input_format=input_format, input_size=input_size, fps=fps
+        )
+    path = Path(spec)
+    if not path.exists():
+        raise VlrtError(f"input '{spec}' does not exist: check the path, or use '-' to read standard input")
+    if path.is_dir():
+        return _folder_source(path, nth, max_frames, fps)
+    if input_format == "rawvideo":
+        return _raw_source(path, f"'{path}'", kind="video", size=input_size, nth=nth, limit=max_frames, fps=fps)
+    if is_image_file(path):
+        return _image_source(path, max_frames, fps)
+    return _video_source(
+        str(path), f"video '{path}'", path=path, kind="video", streaming=False, nth=nth, limit=max_frames,
+        input_format=input_format, fps=fps,
+    )

@@ -1,0 +1,100 @@
+"""Decoding a video container (a file or a stream on standard input) with PyAV."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from fractions import Fraction
+from typing import Any
+
+import av
+import numpy as np
+
+from vlrt.errors import VlrtError
+from vlrt.io.av_errors import reason
+
+# Probe only what the stream headers say, so a live producer is not waited on; the first
+# decoded frame gives the size anyway. (analyzeduration 0 would mean "the default".)
+STREAM_PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "1", "fpsprobesize": "0"}
+# Short names users type, mapped to FFmpeg's demuxer names.
+FORMAT_ALIASES = {"y4m": "yuv4mpegpipe", "mkv": "matroska", "ts": "mpegts"}
+
+
+def open_video(
+    file: Any, label: str, *, format: str | None = None, streaming: bool = False
+) -> av.container.InputContainer:
+    """Open `file` (a path or a readable object) for decoding, or say in one line why not."""
+    demuxer = FORMAT_ALIASES.get(format, format) if format else None
+    if demuxer and demuxer not in av.formats_available:
+        raise VlrtError(
+            f"unknown input format '{format}' for {label}: use nut, matroska, mpegts, mp4, y4m or rawvideo"
+        )
+    try:
+        container = av.open(file, "r", format=demuxer, options=STREAM_PROBE_OPTIONS if streaming else {})
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VlrtError(
+            f"{label} cannot be read as a video ({reason(exc)}): check that the file is complete and plays"
+        ) from exc
+    if not container.streams.video:
+        container.close()
+        raise VlrtError(f"{label} has no video stream: give a video file, a folder of frames or one image")
+    if not streaming:
+        # Frame threads decode faster but hold frames back; only a file can afford that.
+        container.streams.video[0].thread_type = "AUTO"
+    return container
+
+
+def video_fps(stream: av.video.stream.VideoStream) -> Fraction | None:
+    """The stream's frame rate: the measured average, else what the codec or header declares."""
+    for rate in (stream.average_rate, stream.codec_context.framerate, stream.guessed_rate):
+        if rate:
+            return Fraction(rate)
+    return None
+
+
+def estimate_frame_count(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream
+) -> int | None:
+    """Frames in the stream per its header (exact for most files), else duration times rate."""
+    if stream.frames:
+        return int(stream.frames)
+    fps = video_fps(stream)
+    if stream.duration and stream.time_base and fps:
+        return round(stream.duration * stream.time_base * fps)
+    if container.duration and fps:
+        return round(container.duration / av.time_base * fps)
+    return None
+
+
+def _has_alpha(frame: av.VideoFrame) -> bool:
+    return any(component.is_alpha for component in frame.format.components)
+
+
+def to_arrays(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB uint8 (and alpha when the stream has it), turned upright per the display matrix."""
+    if _has_alpha(frame):
+        rgba = frame.to_ndarray(format="rgba")
+        rgb, alpha = rgba[..., :3], rgba[..., 3]
+    else:
+        rgb, alpha = frame.to_ndarray(format="rgb24"), None
+    turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns, as players apply
+    if turns:
+        rgb = np.rot90(rgb, turns)
+        alpha = None if alpha is None else np.rot90(alpha, turns)
+    return np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha)
+
+
+def decoded_frames(container: av.container.InputContainer, label: str) -> Iterator[av.VideoFrame]:
+    """Every frame of the first video stream in order; the container is closed at the end.
+
+    A decoding error becomes a one-line `VlrtError` saying how far decoding got.
+    """
+    decoded = 0
+    try:
+        for frame in container.decode(container.streams.video[0]):
+            yield frame
+            decoded += 1
+    except av.error.FFmpegError as exc:
+        where = f"after frame {decoded}" if decoded else "at its first frame"
+        raise VlrtError(f"{label} is corrupt {where} ({reason(exc)}): re-encode or repair the video") from exc
+    finally:
+        container.close()
