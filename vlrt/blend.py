@@ -16,7 +16,8 @@ FLOOR = "floor"
 ROUND = "round"
 
 
-def _quantise(x: np.ndarray, rounding: str) -> np.ndarray:
+def quantise(x: np.ndarray, rounding: str) -> np.ndarray:
+    """Float 0–255 values to uint8 under a rounding policy."""
     if rounding == FLOOR:
         return np.clip(x, 0, 255).astype(np.uint8)  # truncation toward zero of non-negatives is floor
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
@@ -25,7 +26,7 @@ def _quantise(x: np.ndarray, rounding: str) -> np.ndarray:
 def blend(a: np.ndarray, b: np.ndarray, t: float, rounding: str = ROUND) -> np.ndarray:
     """`a·(1−t) + b·t` per 8-bit channel (t=0 gives a, t=1 gives b); outside [0, 1] it extrapolates and clips."""
     a32 = a.astype(np.float32)
-    return _quantise(a32 + np.float32(t) * (b.astype(np.float32) - a32), rounding)
+    return quantise(a32 + np.float32(t) * (b.astype(np.float32) - a32), rounding)
 
 
 def mean(images: Sequence[np.ndarray], rounding: str = ROUND) -> np.ndarray:
@@ -35,7 +36,7 @@ def mean(images: Sequence[np.ndarray], rounding: str = ROUND) -> np.ndarray:
         for k, image in enumerate(images[1:], start=2):
             acc = blend(acc, image, 1.0 / k, FLOOR)
         return acc
-    return _quantise(np.mean(np.stack([i.astype(np.float32) for i in images]), axis=0), rounding)
+    return quantise(np.mean(np.stack([i.astype(np.float32) for i in images]), axis=0), rounding)
 
 
 def temporal_simple(frames: Sequence[np.ndarray], weights: Sequence[float], current: int, rounding: str = ROUND) -> np.ndarray:
@@ -57,4 +58,4 @@ def temporal_simple(frames: Sequence[np.ndarray], weights: Sequence[float], curr
             acc = blend(acc, image, w / running, FLOOR)
         return acc
     acc32 = sum(np.float32(w) * f.astype(np.float32) for w, f in zip(weights, frames))
-    return _quantise(acc32 / np.float32(total), rounding)
+    return quantise(acc32 / np.float32(total), rounding)

@@ -26,10 +26,18 @@ def _type_of(annotation: str) -> Any:
     return str
 
 
-def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per setting; only options actually given override the config file."""
-    group = parser.add_argument_group("render settings (also accepted in --config TOML with snake_case names)")
+IO_SETTINGS = (
+    "max_frames", "extract_nth_frame", "output_frame_rate", "crf", "lossless", "codec", "output_format",
+    "input_format", "input_size", "input_fps", "device", "max_batch", "blend_rounding",
+)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One option per setting (or per named setting); only options actually given override the config file."""
+    group = parser.add_argument_group("settings (also accepted in --config TOML with snake_case names)")
     for f in fields(Settings):
+        if names is not None and f.name not in names:
+            continue
         flags = ["--" + f.name.replace("_", "-")]
         if f.metadata["alias"]:
             flags.append("--" + f.metadata["alias"].replace("_", "-"))
@@ -62,6 +70,22 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _denoise(args: argparse.Namespace) -> int:
+    from vlrt.pipeline import denoise
+
+    settings = build_settings(
+        {},
+        {
+            **{f.name: getattr(args, f.name) for f in fields(Settings) if hasattr(args, f.name)},
+            "fastdvdnet_weights": args.weights,
+            "fastdvdnet_noise_sigma": args.sigma,
+            "video_post_process_alpha": args.alpha,
+        },
+    )
+    denoise(settings, args.input, args.output, quiet=args.quiet)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlrt", description="Streaming video loopback renderer for Stable Diffusion img2img.")
     parser.add_argument("--version", action="version", version=f"vlrt {__version__}")
@@ -75,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--preview", help="also write a PNG of a few input frames above the same frames rendered")
     add_settings_arguments(render)
     render.set_defaults(run=_render)
+
+    den = commands.add_parser("denoise", help="FastDVDNet alone over a video (no synthetic noise: it denoises what it gets)")
+    den.add_argument("input", help="video file, image folder, one image, or '-' for standard input")
+    den.add_argument("-o", "--output", required=True, help="video file, folder/ of PNGs, or '-' for standard output")
+    den.add_argument("--weights", required=True, help="FastDVDnet weights: upstream model.pth (github.com/m-tassano/fastdvdnet) or .safetensors")
+    den.add_argument("--sigma", type=float, default=20.0, help="noise level of the input on the 0-255 scale (trained for 5-55; default 20)")
+    den.add_argument("--alpha", type=float, default=1.0, help="weight of the denoised frame over the input (default 1: denoised only)")
+    den.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
+    add_settings_arguments(den, IO_SETTINGS)
+    den.set_defaults(run=_denoise)
     return parser
 
 

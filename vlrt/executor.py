@@ -28,6 +28,10 @@ class Executor:
         if not job.done:
             self.jobs.append(job)
 
+    def run(self, component: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One batched call of a network that is not part of an img2img job (FastDVDNet's blocks)."""
+        return self.engines[component](**feed)
+
     @property
     def pending(self) -> int:
         return len(self.jobs)

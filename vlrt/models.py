@@ -109,8 +109,15 @@ def check_model_folder(path: Path) -> None:
 def load_model(spec: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Model:
     """Load the UNet, VAE, text encoder, tokenizer and scheduler config of a model folder, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import diffusers
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    # vlrt shows its own progress; the libraries' loading bars and notices would only clutter it.
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
 
     path, is_demo = resolve_model_path(spec)
     check_model_folder(path)

@@ -3,8 +3,9 @@
 The driver feeds frames from the source while the pipeline holds fewer than its capacity,
 moves finished frames from each stage to the next (and to the per-pass videos), and, when no
 stage can move, lets the executor run one batched round of engine work. Memory therefore depends
-on the capacity, never on the length of the video, and the first output frame leaves after about
-loop_n·(h+in_flight) input frames.
+on the stages' capacities, never on the length of the video, and the first output frame leaves
+after about loop_n·(h+in_flight) input frames. Since each stage's capacity covers what it must
+hold before it can emit, the driver can always make progress.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from torch import nn
 
 from vlrt import __version__
 from vlrt.engines.base import EngineSet
@@ -34,6 +36,7 @@ from vlrt.resize import resize_frame
 from vlrt.samplers import check_sampler
 from vlrt.settings import Settings, dump_settings
 from vlrt.stages.base import Stage
+from vlrt.stages.denoise import Denoise
 from vlrt.stages.loop_pass import LoopPass
 
 
@@ -71,14 +74,36 @@ def frame_size(settings: Settings, source_w: int, source_h: int, multiple: int) 
     return sizes[0], sizes[1]
 
 
-def open_engines(settings: Settings, model: Model, device: torch.device) -> EngineSet:
-    """The engines for this render's backend."""
-    from vlrt.engines.torch_engine import torch_engines
+def open_engines(settings: Settings, model: Model | None, device: torch.device, denoiser: nn.Module | None) -> EngineSet:
+    """The engines for this render's backend: SD's networks when there is a model, FastDVDnet's blocks when asked."""
+    from vlrt.engines.torch_engine import fastdvdnet_engines, torch_engines
 
     if settings.backend not in ("torch",):
         raise VlrtError(f"backend {settings.backend!r} is not available in this build: use --backend torch")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    return torch_engines(model.unet, model.vae, settings.max_batch, device, dtype)
+    engines = EngineSet()
+    if model is not None:
+        engines = torch_engines(model.unet, model.vae, settings.max_batch, device, dtype)
+    if denoiser is not None:
+        engines.fastdvdnet_block1, engines.fastdvdnet_block2 = fastdvdnet_engines(denoiser, settings.max_batch, device, dtype)
+    return engines
+
+
+def fastdvdnet_network(weights: str, allow_random: bool, log: Callable[[str], None]) -> nn.Module:
+    """FastDVDnet from the user's weights; random weights only for the demo, and said so."""
+    from vlrt.fastdvdnet.checkpoint import load_fastdvdnet
+    from vlrt.fastdvdnet.network import FastDVDnet
+
+    if weights:
+        return load_fastdvdnet(Path(weights))
+    if not allow_random:
+        raise VlrtError(
+            "FastDVDNet needs its weights: download model.pth from github.com/m-tassano/fastdvdnet (MIT licence) "
+            "and pass --fastdvdnet-weights PATH"
+        )
+    log("vlrt: FastDVDNet with RANDOM weights (demo only): pass --fastdvdnet-weights for the real network")
+    torch.manual_seed(0)
+    return FastDVDnet().eval()
 
 
 def concrete_seeds(settings: Settings) -> Settings:
@@ -172,57 +197,111 @@ def render(
     check_sampler(settings.sampler_name)
     settings = concrete_seeds(settings)
     resolver = ParamResolver(settings, settings.seed, settings.subseed)
+    progress = Progress(None, settings.loop_n, quiet)
     device = pick_device(settings.device)
     if model is None:
         model = load_model(settings.model, device)
-    source = _open_source(settings, input_spec, stdin)
-    with source:
+    if model.is_demo:
+        progress.log("vlrt: using the built-in DEMO model (tiny, trained for a few minutes): not a real Stable Diffusion model")
+    denoiser = None
+    if settings.video_post_process_method == "fastdvdnet":
+        denoiser = fastdvdnet_network(settings.fastdvdnet_weights, model.is_demo, progress.log)
+        if not 5 <= settings.fastdvdnet_noise_sigma <= 55:
+            progress.log(f"vlrt: warning: fastdvdnet_noise_sigma {settings.fastdvdnet_noise_sigma:g} is outside FastDVDnet's trained 5–55")
+    with _open_source(settings, input_spec, stdin) as source:
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
-        progress = Progress(source.info.frame_count, settings.loop_n, quiet)
-        if model.is_demo:
-            progress.log("vlrt: using the built-in DEMO model (tiny, trained for a few minutes): not a real Stable Diffusion model")
-        executor = Executor(open_engines(settings, model, device))
-        fps = settings.output_fps(source.info.fps)
-        audio = source.info.path if source.info.has_audio and settings.extract_nth_frame == 1 and not settings.is_continue else None
-        stages = _loop_passes(settings, model, resolver, executor)
-        sinks: list[Sink] = []
-        try:
-            sink = _open_sink(settings, output_spec, fps, audio, stdout)
-            sinks.append(sink)
-            taps = {}
-            if settings.save_every_loop and settings.loop_n > 1:
-                if output_spec == "-":
-                    progress.log("vlrt: save_every_loop ignored: the output is a pipe")
-                else:
-                    for i in range(settings.loop_n - 1):
-                        taps[i] = _open_sink(settings, loop_output(output_spec, i + 1), fps, audio, None)
-                        sinks.append(taps[i])
-            in_flight = _in_flight(settings)
-            capacity = max(1, settings.loop_n) * (len(resolver.base_weights) + in_flight + 1)
-            pipeline = Pipeline(stages, executor, capacity, taps)
-            frames = (resize_frame(f, width, height, settings.resize_mode) for f in source)
-            collector = PreviewCollector(source.info.frame_count)
-            written = pipeline.run(collector.watch_inputs(frames), sink, progress, collector.see_output)
-            if written == 0:
-                raise VlrtError(f"input {input_spec} produced no frames: check it is a video or image folder with frames")
-            for s in sinks:
-                s.close()
-            if preview is not None:
-                collector.save(preview)
-        except BaseException:
-            for s in sinks:
-                s.abort()
-            progress.close()
-            raise
+        executor = Executor(open_engines(settings, model, device, denoiser))
+        stages, tap_after = _render_stages(settings, model, resolver, executor)
+        taps = {}
+        if settings.save_every_loop and output_spec == "-":
+            progress.log("vlrt: save_every_loop ignored: the output is a pipe")
+        elif settings.save_every_loop:
+            taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
+        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview)
+    _write_settings(settings, input_spec, output_spec, written)
+    progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
+    return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
+
+
+def denoise(
+    settings: Settings,
+    input_spec: str,
+    output_spec: str,
+    *,
+    quiet: bool = False,
+    stdin: BinaryIO | None = None,
+    stdout: BinaryIO | None = None,
+) -> RenderResult:
+    """FastDVDNet alone over a video: it denoises what it is given (no synthetic noise)."""
+    progress = Progress(None, 1, quiet)
+    device = pick_device(settings.device)
+    network = fastdvdnet_network(settings.fastdvdnet_weights, False, progress.log)
+    with _open_source(settings, input_spec, stdin) as source:
+        executor = Executor(open_engines(settings, None, device, network))
+        stage = Denoise(
+            executor,
+            sigma=settings.fastdvdnet_noise_sigma,
+            alpha=settings.video_post_process_alpha,
+            rounding=settings.blend_rounding,
+            max_batch=settings.max_batch,
+        )
+        written = _stream(source, settings, [stage], executor, output_spec, {}, progress, stdout, None)
+    progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
+    return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
+
+
+def _stream(
+    source: Source,
+    settings: Settings,
+    stages: list[Stage],
+    executor: Executor,
+    output_spec: str,
+    taps: dict[int, str],
+    progress: Progress,
+    stdout: BinaryIO | None,
+    preview: Path | None,
+) -> int:
+    """Run the frames of `source` through `stages` into the output (and the per-pass taps)."""
+    fps = settings.output_fps(source.info.fps)
+    subsampled = settings.extract_nth_frame != 1 and not settings.is_continue
+    audio = source.info.path if source.info.has_audio and not subsampled else None
+    progress.set_total(source.info.frame_count)
+    sinks: list[Sink] = []
+    try:
+        sink = _open_sink(settings, output_spec, fps, audio, stdout)
+        sinks.append(sink)
+        tap_sinks = {stage: _open_sink(settings, spec, fps, audio, None) for stage, spec in taps.items()}
+        sinks.extend(tap_sinks.values())
+        capacity = sum(s.capacity for s in stages) if stages else 1
+        pipeline = Pipeline(stages, executor, capacity, tap_sinks)
+        collector = PreviewCollector(source.info.frame_count)
+        width, height = settings.width, settings.height
+        frames = source if width is None else (resize_frame(f, width, height, settings.resize_mode) for f in source)
+        written = pipeline.run(collector.watch_inputs(iter(frames)), sink, progress, collector.see_output)
+        if written == 0:
+            raise VlrtError("the input produced no frames: check it is a video or an image folder with frames")
+        for s in sinks:
+            s.close()
+        if preview is not None:
+            collector.save(preview)
+    except BaseException:
+        for s in sinks:
+            s.abort()
+        raise
+    finally:
         progress.close()
+    return written
+
+
+def _write_settings(settings: Settings, input_spec: str, output_spec: str, written: int) -> None:
     path = settings_path(output_spec)
     if path is not None:
         extra = {"version": __version__, "input": input_spec, "output": output_spec, "frames": written}
-        path.write_text(dump_settings(settings, extra), encoding="utf-8")
-    progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
-    return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
+        tmp.replace(path)
 
 
 def _in_flight(settings: Settings) -> int:
@@ -231,20 +310,36 @@ def _in_flight(settings: Settings) -> int:
     return max(1, math.ceil(settings.max_batch / rows_per_frame))
 
 
-def _loop_passes(settings: Settings, model: Model, resolver: ParamResolver, executor: Executor) -> list[Stage]:
+def _render_stages(settings: Settings, model: Model, resolver: ParamResolver, executor: Executor) -> tuple[list[Stage], list[int]]:
+    """The loop passes, each followed by FastDVDNet when asked; and the stage that ends each pass."""
     in_flight = _in_flight(settings)
-    return [
-        LoopPass(
-            loop,
-            model=model,
-            sampler_name=settings.sampler_name,
-            resolver=resolver,
-            executor=executor,
-            in_flight=in_flight,
-            rounding=settings.blend_rounding,
+    stages: list[Stage] = []
+    pass_ends: list[int] = []
+    for loop in range(settings.loop_n):
+        stages.append(
+            LoopPass(
+                loop,
+                model=model,
+                sampler_name=settings.sampler_name,
+                resolver=resolver,
+                executor=executor,
+                in_flight=in_flight,
+                rounding=settings.blend_rounding,
+            )
         )
-        for loop in range(settings.loop_n)
-    ]
+        if settings.video_post_process_method == "fastdvdnet":
+            stages.append(
+                Denoise(
+                    executor,
+                    sigma=settings.fastdvdnet_noise_sigma,
+                    alpha=settings.video_post_process_alpha,
+                    rounding=settings.blend_rounding,
+                    max_batch=settings.max_batch,
+                    noise_seed_of=(settings.seed, loop),
+                )
+            )
+        pass_ends.append(len(stages) - 1)
+    return stages, pass_ends
 
 
 def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None) -> Source:

@@ -18,6 +18,10 @@ class Progress:
         self.passes = passes
         self.bar = tqdm(total=total, unit="frame", desc="render", disable=not self.enabled, file=sys.stderr, dynamic_ncols=True)
 
+    def set_total(self, total: int | None) -> None:
+        self.bar.total = total
+        self.started = time.perf_counter()
+
     def update(self, done: int, per_pass: list[int]) -> None:
         if not self.enabled:
             return

@@ -72,6 +72,7 @@ class Settings:
     video_post_process_method: str = _f("none", "video post-process after every loop pass", choices=POST_PROCESS_METHODS)
     video_post_process_alpha: float = _f(0.3, "weight of the denoised frame over the undenoised one")
     fastdvdnet_noise_sigma: float = _f(60.0, "FastDVDNet noise sigma on the 0-255 scale (trained for 5-55)")
+    fastdvdnet_weights: str = _f("", "FastDVDnet weights (upstream model.pth or .safetensors); random ones only with --model demo")
 
     # --- inherited WebUI parameters, with the WebUI HTTP API's names (SPEC.md §1.3) ---
     prompt: str = _f("", "prompt")

@@ -75,10 +75,18 @@ class Engine(ABC):
 class EngineSet:
     """The engines one render runs on."""
 
-    unet: Engine
-    vae_encoder: Engine
-    vae_decoder: Engine
+    unet: Engine | None = None
+    vae_encoder: Engine | None = None
+    vae_decoder: Engine | None = None
+    fastdvdnet_block1: Engine | None = None
+    fastdvdnet_block2: Engine | None = None
+
+    def __getitem__(self, component: str) -> Engine:
+        engine = getattr(self, component)
+        if engine is None:
+            raise KeyError(f"no {component} engine in this render")
+        return engine
 
     @property
     def calls(self) -> dict[str, int]:
-        return {e.component: e.calls for e in (self.unet, self.vae_encoder, self.vae_decoder)}
+        return {name: e.calls for name, e in vars(self).items() if e is not None}

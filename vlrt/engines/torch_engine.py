@@ -7,7 +7,17 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from vlrt.engines.base import INPUT_NAMES, OUTPUT_NAMES, UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet
+from vlrt.engines.base import (
+    FASTDVDNET_BLOCK1,
+    FASTDVDNET_BLOCK2,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    Engine,
+    EngineSet,
+)
 from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
 
 
@@ -39,4 +49,12 @@ def torch_engines(unet: nn.Module, vae: nn.Module, max_batch: int, device: torch
         unet=TorchEngine(UNET, UNetModule(unet), max_batch, device, dtype),
         vae_encoder=TorchEngine(VAE_ENCODER, VaeEncoderModule(vae), max_batch, device, dtype),
         vae_decoder=TorchEngine(VAE_DECODER, VaeDecoderModule(vae), max_batch, device, dtype),
+    )
+
+
+def fastdvdnet_engines(network: nn.Module, max_batch: int, device: torch.device, dtype: torch.dtype) -> tuple[TorchEngine, TorchEngine]:
+    """FastDVDnet's two blocks as separate engines, so stage-1 results can be reused."""
+    return (
+        TorchEngine(FASTDVDNET_BLOCK1, network.temp1, max_batch, device, dtype),
+        TorchEngine(FASTDVDNET_BLOCK2, network.temp2, max_batch, device, dtype),
     )

@@ -43,6 +43,11 @@ class Stage(ABC):
         return self.closed and self.emitted == self.received
 
     @property
+    @abstractmethod
+    def capacity(self) -> int:
+        """Frames this stage may need to hold before it can emit one; the driver admits up to the sum."""
+
+    @property
     def held(self) -> int:
         """Frames received but not yet emitted (the driver bounds this)."""
         return self.received - self.emitted

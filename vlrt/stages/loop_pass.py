@@ -64,6 +64,10 @@ class LoopPass(Stage):
         self.requests: dict[int, _Request] = {}
         self.next_start = 0
 
+    @property
+    def capacity(self) -> int:
+        return 2 * self.radius + self.in_flight + 1
+
     def _accept(self, frame: Frame) -> None:
         self.inputs[frame.index] = frame
 

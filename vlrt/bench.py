@@ -1,0 +1,131 @@
+"""`vlrt bench`: speed and memory measured side by side in one run, reported as ratios.
+
+Timings on shared machines are noisy, so every figure is compared only with one taken in the
+same run on the same clip, and each configuration is run in alternation (best of `repeats`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from vlrt.frames import Frame
+from vlrt.io.sinks import open_sink
+from vlrt.settings import Settings, build_settings
+
+
+def _write_clip(path: Path, frames: int, size: tuple[int, int]) -> Path:
+    """A lossless clip of the sample pictures, so decoding is cheap and exact."""
+    from fractions import Fraction
+
+    from vlrt.demo.clip import sample_frames
+
+    sink = open_sink(str(path), fps=Fraction(24), lossless=True)
+    for i, image in enumerate(sample_frames(frames, size)):
+        sink.write(Frame(i, image))
+    sink.close()
+    return path
+
+
+def peak_rss_of(command: list[str]) -> tuple[int, float]:
+    """Run a command; return its peak resident memory in bytes (ru_maxrss) and its wall time."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"benchmark command failed: {' '.join(command)}\n{stderr}")
+    return usage.ru_maxrss * 1024, elapsed
+
+
+def bench_memory(short: int = 60, long: int = 600, size: tuple[int, int] = (64, 64)) -> dict:
+    """Peak memory of a render of `short` and of `long` frames (separate processes, same settings)."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for frames in (short, long):
+            clip = _write_clip(Path(tmp) / f"clip{frames}.mkv", frames, size)
+            command = [
+                sys.executable, "-m", "vlrt", "render", str(clip), "-o", "-", "--output-format", "rawvideo",
+                "--model", "demo", "--loop-n", "2", "--steps", "4", "--denoising-strength", "0.5",
+                "--temporal-superimpose-alpha-list", "0.2,0.6,0.2", "--seed", "1", "--quiet",
+            ]
+            results[frames] = peak_rss_of(command)
+    return {
+        "frames": (short, long),
+        "peak_rss_mib": tuple(results[n][0] / 2**20 for n in (short, long)),
+        "seconds": tuple(results[n][1] for n in (short, long)),
+        "ratio": results[long][0] / results[short][0],
+    }
+
+
+def time_render(settings: Settings, clip: Path, model, repeats: int) -> float:
+    """Best-of-`repeats` wall time of one in-process render to a throwaway output."""
+    from vlrt.pipeline import render
+
+    best = float("inf")
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            started = time.perf_counter()
+            render(settings, str(clip), str(Path(tmp) / "out") + "/", quiet=True, model=model)
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def bench_throughput(
+    configs: dict[str, dict], frames: int = 24, size: tuple[int, int] = (64, 64), repeats: int = 2
+) -> dict[str, float]:
+    """Frames per second of the same render under each named configuration (settings overrides)."""
+    from vlrt.models import load_model
+
+    base = build_settings(
+        overrides=dict(model="demo", loop_n=2, steps=8, denoising_strength=0.5, seed=1, cfg_scale=5.0,
+                       temporal_superimpose_alpha_list="0.2,0.6,0.2")
+    )
+    model = load_model("demo", torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = _write_clip(Path(tmp) / "clip.mkv", frames, size)
+        for overrides in configs.values():  # warm-up: engine exports, caches, allocator
+            time_render(replace(base, **overrides), clip, model, 1)
+        times = {name: float("inf") for name in configs}
+        for _ in range(repeats):  # alternate configurations so drifts in machine load hit all alike
+            for name, overrides in configs.items():
+                times[name] = min(times[name], time_render(replace(base, **overrides), clip, model, 1))
+    return {name: frames / t for name, t in times.items()}
+
+
+def table(rows: list[tuple], header: tuple) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def run(sections: list[str], out: Callable[[str], None] = print) -> None:
+    """Run the chosen benchmark sections and print markdown tables."""
+    out(f"vlrt bench on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
+    if "throughput" in sections:
+        configs = {
+            "torch, batching off": dict(backend="torch", max_batch=1),
+            "torch, batching on": dict(backend="torch", max_batch=16),
+        }
+        fps = bench_throughput(configs)
+        base = fps["torch, batching off"]
+        out("## Throughput (demo model, 24 frames 64×64, loop_n 2, 8 steps × 0.5, CFG, 3-tap temporal)\n")
+        out(table([(k, f"{v:.2f}", f"{v / base:.2f}×") for k, v in fps.items()], ("configuration", "frames/s", "vs torch off")))
+        out("")
+    if "memory" in sections:
+        m = bench_memory()
+        out("## Peak memory against video length (demo model, 64×64, loop_n 2, stdin→stdout)\n")
+        rows = [(n, f"{rss:.0f}", f"{s:.1f}") for n, rss, s in zip(m["frames"], m["peak_rss_mib"], m["seconds"])]
+        out(table(rows, ("frames", "peak RSS (MiB)", "wall (s)")))
+        out(f"\nratio long/short: {m['ratio']:.3f}\n")
+
