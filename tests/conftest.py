@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import torch
 from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Engines built by tests go to a throwaway cache, never into the checkout's engines/ folder.
+os.environ["VLRT_ENGINES"] = tempfile.mkdtemp(prefix="vlrt-test-engines-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -82,7 +82,7 @@ def test_render_with_fastdvdnet_is_deterministic(demo_model, clip_folder, tmp_pa
     from vlrt.settings import build_settings
 
     def run(seed, name):
-        s = build_settings(overrides=dict(model="demo", loop_n=2, steps=2, denoising_strength=0.5, seed=seed,
+        s = build_settings(overrides=dict(model="demo", backend="torch", loop_n=2, steps=2, denoising_strength=0.5, seed=seed,
                                           video_post_process_method="fastdvdnet", fastdvdnet_noise_sigma=30))
         render(s, str(clip_folder), str(tmp_path / name) + "/", quiet=True, model=demo_model)
         return read_frames(tmp_path / name)

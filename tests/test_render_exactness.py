@@ -44,7 +44,7 @@ def test_single_pass_equals_diffusers_img2img(which, sampler, request, clip_fold
     steps, strength, cfg, seed = 8, 0.6, 6.5, 1234
     settings = build_settings(
         overrides=dict(
-            model=str(model.path), loop_n=1, superimpose_alpha=1.0, sampler_name=sampler, steps=steps,
+            model=str(model.path), backend="torch", loop_n=1, superimpose_alpha=1.0, sampler_name=sampler, steps=steps,
             denoising_strength=strength, cfg_scale=cfg, seed=seed, prompt=PROMPT, negative_prompt=NEGATIVE,
         )
     )
@@ -95,7 +95,7 @@ def test_loopback_equals_plain_reference(demo_model, clip_folder, tmp_path):
     params = dict(loop_n=3, alpha=0.4, weights=[0.25, 0.5, 0.25], batch=2, seed=77, steps=6, strength=0.5, cfg=5.0)
     settings = build_settings(
         overrides=dict(
-            model="demo", loop_n=params["loop_n"], superimpose_alpha=params["alpha"],
+            model="demo", backend="torch", loop_n=params["loop_n"], superimpose_alpha=params["alpha"],
             temporal_superimpose_alpha_list="0.25,0.5,0.25", batch_size=params["batch"], fix_seed=False,
             seed=params["seed"], steps=params["steps"], denoising_strength=params["strength"], cfg_scale=params["cfg"],
             prompt=PROMPT, negative_prompt=NEGATIVE, sampler_name="Euler a", blend_rounding="floor", max_batch=16,

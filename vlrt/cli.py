@@ -7,6 +7,7 @@ command line, the config file and the settings file can never disagree about a n
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from dataclasses import fields
@@ -86,6 +87,51 @@ def _denoise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from vlrt.engine_picker import (
+        build_engines,
+        default_engines_dir,
+        fastdvdnet_networks,
+        precision_for,
+        resolve_backend,
+        sd_networks,
+    )
+    from vlrt.models import load_model
+    from vlrt.pipeline import fastdvdnet_network, pick_device
+
+    settings = settings_from_args(args)
+    device = pick_device(settings.device)
+    backend = resolve_backend("ort" if settings.backend == "torch" else settings.backend, device)
+    wanted = [c.strip() for c in args.components.split(",") if c.strip()]
+    unknown = set(wanted) - set(EXPORT_COMPONENTS)
+    if unknown:
+        raise VlrtError(f"unknown component(s) {', '.join(sorted(unknown))}: choose from {', '.join(EXPORT_COMPONENTS)}")
+    if settings.width is None or settings.height is None:
+        raise VlrtError("vlrt export needs --width and --height (engines are built for one resolution)")
+    networks = []
+    if any(c != "fastdvdnet" for c in wanted):
+        model = load_model(settings.model, device)
+        networks += [n for n in sd_networks(model, settings.height, settings.width) if n.component in wanted]
+    if "fastdvdnet" in wanted:
+        net = fastdvdnet_network(settings.fastdvdnet_weights, settings.model == "demo", _log(args))
+        networks += fastdvdnet_networks(net, settings.height, settings.width)
+    engines = build_engines(
+        networks, backend, device=device, max_batch=settings.max_batch,
+        precision=precision_for(backend, device, settings.precision),
+        engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(), log=_log(args),
+    )
+    for name, engine in engines.items():
+        print(f"{name}: {getattr(engine, 'path', '')}")
+    return 0
+
+
+def _log(args: argparse.Namespace):
+    return (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
+
+
+EXPORT_COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "fastdvdnet")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlrt", description="Streaming video loopback renderer for Stable Diffusion img2img.")
     parser.add_argument("--version", action="version", version=f"vlrt {__version__}")
@@ -99,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--preview", help="also write a PNG of a few input frames above the same frames rendered")
     add_settings_arguments(render)
     render.set_defaults(run=_render)
+
+    export = commands.add_parser("export", help="build engines (ONNX, and TensorRT plans where present) into the engine cache")
+    export.add_argument("--components", default="unet,vae_encoder,vae_decoder",
+                        help=f"comma-separated, from {', '.join(EXPORT_COMPONENTS)} (default: SD's three)")
+    export.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
+    add_settings_arguments(export, ("model", "width", "height", "max_batch", "precision", "engines", "backend", "device",
+                                    "fastdvdnet_weights"))
+    export.set_defaults(run=_export, config=None)
 
     den = commands.add_parser("denoise", help="FastDVDNet alone over a video (no synthetic noise: it denoises what it gets)")
     den.add_argument("input", help="video file, image folder, one image, or '-' for standard input")
@@ -115,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _configure_logging(getattr(args, "quiet", False))
     try:
         return args.run(args)
     except OutputClosed as exc:
@@ -131,6 +186,16 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print("vlrt: error: output pipe closed by the reader", file=sys.stderr)
         return 3
+
+
+def _configure_logging(quiet: bool) -> None:
+    """Show vlrt's own progress messages (engine exports and builds) on standard error."""
+    logger = logging.getLogger("vlrt")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vlrt: %(message)s"))
+        logger.addHandler(handler)
 
 
 def _silence_stdout() -> None:

@@ -29,7 +29,7 @@ class Phase(Enum):
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) to float32 (3, H, W) in [-1, 1], as diffusers' image processor does."""
-    return torch.from_numpy(image).permute(2, 0, 1).float().div(255.0).mul(2.0).sub(1.0)
+    return torch.tensor(image).permute(2, 0, 1).float().div(255.0).mul(2.0).sub(1.0)
 
 
 def tensor_to_image(image: torch.Tensor) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vlrt import __version__
+from vlrt.engine_picker import default_engines_dir, open_engines
 from vlrt.engines.base import EngineSet
 from vlrt.errors import VlrtError
 from vlrt.executor import Executor
@@ -72,21 +73,6 @@ def frame_size(settings: Settings, source_w: int, source_h: int, multiple: int) 
             )
         sizes.append(given)
     return sizes[0], sizes[1]
-
-
-def open_engines(settings: Settings, model: Model | None, device: torch.device, denoiser: nn.Module | None) -> EngineSet:
-    """The engines for this render's backend: SD's networks when there is a model, FastDVDnet's blocks when asked."""
-    from vlrt.engines.torch_engine import fastdvdnet_engines, torch_engines
-
-    if settings.backend not in ("torch",):
-        raise VlrtError(f"backend {settings.backend!r} is not available in this build: use --backend torch")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    engines = EngineSet()
-    if model is not None:
-        engines = torch_engines(model.unet, model.vae, settings.max_batch, device, dtype)
-    if denoiser is not None:
-        engines.fastdvdnet_block1, engines.fastdvdnet_block2 = fastdvdnet_engines(denoiser, settings.max_batch, device, dtype)
-    return engines
 
 
 def fastdvdnet_network(weights: str, allow_random: bool, log: Callable[[str], None]) -> nn.Module:
@@ -212,7 +198,7 @@ def render(
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
-        executor = Executor(open_engines(settings, model, device, denoiser))
+        executor = Executor(_engines(settings, model, denoiser, device, progress))
         stages, tap_after = _render_stages(settings, model, resolver, executor)
         taps = {}
         if settings.save_every_loop and output_spec == "-":
@@ -239,7 +225,8 @@ def denoise(
     device = pick_device(settings.device)
     network = fastdvdnet_network(settings.fastdvdnet_weights, False, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
-        executor = Executor(open_engines(settings, None, device, network))
+        settings = replace(settings, width=source.info.width, height=source.info.height)
+        executor = Executor(_engines(settings, None, network, device, progress))
         stage = Denoise(
             executor,
             sigma=settings.fastdvdnet_noise_sigma,
@@ -293,6 +280,21 @@ def _stream(
     finally:
         progress.close()
     return written
+
+
+def _engines(settings: Settings, model: Model | None, denoiser: nn.Module | None, device: torch.device, progress: Progress) -> EngineSet:
+    return open_engines(
+        settings.backend,
+        model=model,
+        denoiser=denoiser,
+        device=device,
+        height=settings.height,
+        width=settings.width,
+        max_batch=settings.max_batch,
+        precision=settings.precision,
+        engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(),
+        log=progress.log,
+    )
 
 
 def _write_settings(settings: Settings, input_spec: str, output_spec: str, written: int) -> None:

@@ -97,10 +97,15 @@ class Settings:
         choices=BLEND_ROUNDINGS,
     )
     model: str = _f("", "a diffusers Stable Diffusion folder, or 'demo' for the built-in tiny demo model")
-    backend: str = _f("torch", "engine backend", group=RUN, choices=("auto", "torch", "ort", "trt"))
+    backend: str = _f(
+        "auto", "engine backend: auto (TensorRT with a GPU, else ONNX Runtime), torch, ort, trt", group=RUN,
+        choices=("auto", "torch", "ort", "trt"),
+    )
+    precision: str = _f("auto", "engine precision: auto (fp16 on GPUs, fp32 on the CPU), fp16, fp32", group=RUN,
+                        choices=("auto", "fp16", "fp32"))
     device: str = _f("auto", "torch device: auto, cpu or cuda", group=RUN)
     max_batch: int = _f(8, "most UNet rows per engine call; 1 turns batching off", group=RUN)
-    engines: str = _f("engines", "engine cache folder", group=RUN)
+    engines: str = _f("", "engine cache folder (default: $VLRT_ENGINES, the checkout's engines/, or ~/.cache/vlrt/engines)", group=RUN)
     crf: float = _f(17.0, "H.264/VP9 quality of video outputs (lower is better)", group=RUN)
     lossless: bool = _f(False, "bit-exact lossless video output", group=RUN)
     codec: str | None = _f(None, "video codec of the output (default by extension)", group=RUN)

@@ -65,7 +65,7 @@ class Denoise(Stage):
         return 2 * self.max_batch + 6
 
     def _accept(self, frame: Frame) -> None:
-        x = torch.from_numpy(np.ascontiguousarray(frame.image)).permute(2, 0, 1).float() / 255.0
+        x = torch.tensor(frame.image).permute(2, 0, 1).float() / 255.0
         if self.noise_seed_of is not None:
             seed, loop_index = self.noise_seed_of
             gen = generator(noise_seed(seed, loop_index, frame.index))

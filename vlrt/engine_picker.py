@@ -1,0 +1,192 @@
+"""Picks the backend and finds, builds or loads the engines a run needs.
+
+`torch` runs diffusers' modules directly. `ort` and `trt` run files from the engine cache
+(`--engines`, default `engines/`): an entry whose key (model hash, component, resolution, batch
+profile, precision, library versions, and TensorRT version and GPU for plans) does not match is
+rebuilt, never loaded. `auto` takes TensorRT where it and a CUDA GPU are present, else ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlrt.engines.base import (
+    FASTDVDNET_BLOCK1,
+    FASTDVDNET_BLOCK2,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    Engine,
+    EngineSet,
+)
+from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
+from vlrt.engines.torch_engine import TorchEngine
+from vlrt.errors import VlrtError
+from vlrt.models import Model
+
+def default_engines_dir() -> Path:
+    """$VLRT_ENGINES; else the checkout's engines/ folder when running from source; else the user cache."""
+    if os.environ.get("VLRT_ENGINES"):
+        return Path(os.environ["VLRT_ENGINES"])
+    checkout = Path(__file__).resolve().parent.parent / "engines"
+    if (checkout / "README.md").is_file():
+        return checkout
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlrt" / "engines"
+
+
+@dataclass
+class Network:
+    """One component to run: its module and an example input of the run's shapes (batch 1)."""
+
+    component: str
+    module: nn.Module
+    example: dict[str, torch.Tensor]
+
+
+def sd_networks(model: Model, height: int, width: int) -> list[Network]:
+    """The UNet and the VAE's two halves at this resolution."""
+    h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
+    c = model.latent_channels
+    tokens = int(model.tokenizer.model_max_length)
+    return [
+        Network(
+            UNET,
+            UNetModule(model.unet),
+            {
+                "sample": torch.randn(1, c, h, w),
+                "timestep": torch.tensor([500.0]),
+                "encoder_hidden_states": torch.randn(1, tokens, model.cross_attention_dim),
+            },
+        ),
+        Network(VAE_ENCODER, VaeEncoderModule(model.vae), {"image": torch.rand(1, 3, height, width) * 2 - 1}),
+        Network(VAE_DECODER, VaeDecoderModule(model.vae), {"latent": torch.randn(1, c, h, w)}),
+    ]
+
+
+def fastdvdnet_networks(network: nn.Module, height: int, width: int) -> list[Network]:
+    """FastDVDnet's two blocks at this resolution padded to a multiple of 4 (as the denoiser feeds them)."""
+    ph, pw = -(-height // 4) * 4, -(-width // 4) * 4
+    example = {"frames": torch.rand(1, 9, ph, pw), "noise_map": torch.full((1, 1, ph, pw), 0.1)}
+    return [Network(FASTDVDNET_BLOCK1, network.temp1, example), Network(FASTDVDNET_BLOCK2, network.temp2, example)]
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` made concrete; `trt` refused with how to get it when TensorRT or a GPU is missing."""
+    from vlrt.engines.trt_engine import trt_available
+
+    if backend == "auto":
+        return "trt" if device.type == "cuda" and trt_available()[0] else "ort"
+    if backend == "trt":
+        ok, why = trt_available()
+        if not ok:
+            raise VlrtError(f"--backend trt is not available: {why}")
+    return backend
+
+
+def precision_for(backend: str, device: torch.device, asked: str) -> str:
+    """fp16 where it is fast and supported (TensorRT, CUDA), fp32 on the CPU."""
+    if asked != "auto":
+        return asked
+    return "fp16" if backend == "trt" or device.type == "cuda" else "fp32"
+
+
+def build_engines(
+    networks: list[Network],
+    backend: str,
+    *,
+    device: torch.device,
+    max_batch: int,
+    precision: str,
+    engines_dir: Path,
+    log: Callable[[str], None],
+) -> dict[str, Engine]:
+    """One engine per network on the resolved backend, exporting or building into the cache as needed."""
+    if backend == "torch":
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        return {n.component: TorchEngine(n.component, n.module, max_batch, device, dtype) for n in networks}
+    from vlrt.export.cache import EngineCache
+    from vlrt.export.manifest import EngineKey, TrtTarget, model_hash
+    from vlrt.export.onnx_export import export_onnx
+
+    cache = EngineCache(engines_dir)
+    engines: dict[str, Engine] = {}
+    for net in networks:
+        (height, width) = _pixel_size(net)
+        key = EngineKey(
+            model_hash=model_hash(net.module),
+            height=height,
+            width=width,
+            max_batch=max_batch,
+            precision=precision,
+            trt=TrtTarget.current(device) if backend == "trt" else None,
+        )
+        if cache.find(net.component, key) is None:
+            log(f"vlrt: building the {net.component} engine ({backend}, {precision}, {height}×{width}, batch ≤ {max_batch}) "
+                f"into {cache.folder(net.component, key)}")
+
+        def export(folder: Path, net: Network = net) -> None:
+            export_onnx(net.component, net.module, net.example, folder / "model.onnx", precision=precision)
+
+        folder = cache.find_or_build(net.component, key, export, _plan_builder(net.component, max_batch) if backend == "trt" else None)
+        engines[net.component] = _load(backend, net.component, folder, max_batch, device)
+    return engines
+
+
+def _pixel_size(net: Network) -> tuple[int, int]:
+    """The resolution recorded in the cache key: the network's own input size."""
+    first = next(iter(net.example.values()))
+    return int(first.shape[-2]), int(first.shape[-1])
+
+
+def _plan_builder(component: str, max_batch: int) -> Callable[[Path, Path], None]:
+    from vlrt.export.trt_build import build_plan
+
+    return lambda onnx_path, plan_path: build_plan(component, onnx_path, plan_path, max_batch=max_batch)
+
+
+def _load(backend: str, component: str, folder: Path, max_batch: int, device: torch.device) -> Engine:
+    if backend == "trt":
+        from vlrt.engines.trt_engine import TrtEngine
+
+        return TrtEngine(component, folder / "model.plan", max_batch, device)
+    from vlrt.engines.ort_engine import OrtEngine
+
+    return OrtEngine(component, folder / "model.onnx", max_batch, device)
+
+
+def open_engines(
+    backend: str,
+    *,
+    model: Model | None,
+    denoiser: nn.Module | None,
+    device: torch.device,
+    height: int,
+    width: int,
+    max_batch: int,
+    precision: str,
+    engines_dir: Path,
+    log: Callable[[str], None],
+) -> EngineSet:
+    """The engines of one run: SD's networks when there is a model, FastDVDnet's blocks when asked."""
+    backend = resolve_backend(backend, device)
+    networks = []
+    if model is not None:
+        networks += sd_networks(model, height, width)
+    if denoiser is not None:
+        networks += fastdvdnet_networks(denoiser, height, width)
+    engines = build_engines(
+        networks,
+        backend,
+        device=device,
+        max_batch=max_batch,
+        precision=precision_for(backend, device, precision),
+        engines_dir=engines_dir,
+        log=log,
+    )
+    return EngineSet(**engines)
