@@ -67,7 +67,18 @@ def _render(args: argparse.Namespace) -> int:
     from vlrt.pipeline import render
 
     preview = Path(args.preview) if args.preview else None
-    render(settings_from_args(args), args.input, args.output, quiet=args.quiet, preview=preview)
+    if args.report and args.output == "-":
+        raise VlrtError("--report needs a file or folder output to read back; drop --report when writing to a pipe")
+    settings = settings_from_args(args)
+    render(settings, args.input, args.output, quiet=args.quiet, preview=preview, resume=args.resume)
+    if args.report:
+        from vlrt.report import format_summary, report_beside_output
+
+        report = report_beside_output(
+            args.output, args.input, extract_nth_frame=settings.extract_nth_frame, max_frames=settings.max_frames
+        )
+        if not args.quiet:
+            print(format_summary(report), file=sys.stderr)
     return 0
 
 
@@ -143,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--config", help="TOML file of settings (command-line options override it)")
     render.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
     render.add_argument("--preview", help="also write a PNG of a few input frames above the same frames rendered")
+    render.add_argument("--report", action="store_true",
+                        help="also measure the output's flicker against the input (writes <output>.flicker.png/.json)")
+    render.add_argument("--resume", action="store_true",
+                        help="continue an interrupted render of the same output with the same settings")
     add_settings_arguments(render)
     render.set_defaults(run=_render)
 
@@ -163,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
     add_settings_arguments(den, IO_SETTINGS)
     den.set_defaults(run=_denoise)
+
+    from vlrt.doctor import add_doctor_parser
+    from vlrt.report import add_report_parser
+
+    add_report_parser(commands)
+    add_doctor_parser(commands)
     return parser
 
 

@@ -35,7 +35,15 @@ from vlrt.preview import PreviewCollector
 from vlrt.progress import Progress
 from vlrt.resize import resize_frame
 from vlrt.samplers import check_sampler
-from vlrt.settings import Settings, dump_settings
+from vlrt.run_state import (
+    finished_folder_frames,
+    finished_video_frames,
+    is_folder_output,
+    resumable_settings,
+    saved_settings,
+    write_settings,
+)
+from vlrt.settings import Settings
 from vlrt.stages.base import Stage
 from vlrt.stages.denoise import Denoise
 from vlrt.stages.loop_pass import LoopPass
@@ -99,20 +107,10 @@ def concrete_seeds(settings: Settings) -> Settings:
     return replace(settings, seed=seed, subseed=subseed)
 
 
-def settings_path(output: str) -> Path | None:
-    """Where the settings of a run are written: beside a file output, inside a folder output."""
-    if output == "-":
-        return None
-    path = Path(output)
-    if output.endswith(("/", "\\")) or path.is_dir():
-        return path / "settings.toml"
-    return path.with_name(path.name + ".settings.toml")
-
-
 def loop_output(output: str, loop_number: int) -> str:
     """The per-pass output beside the main one: out.mp4 → out-loop_1.mp4, out/ → out-loop_1/."""
     path = Path(output)
-    if output.endswith(("/", "\\")) or path.is_dir():
+    if is_folder_output(output):
         return str(path.with_name(f"{path.name}-loop_{loop_number}")) + "/"
     return str(path.with_name(f"{path.stem}-loop_{loop_number}{path.suffix}"))
 
@@ -126,14 +124,17 @@ class Pipeline:
         self.capacity = capacity
         self.taps = taps
 
-    def run(self, frames: Iterator[Frame], sink: Sink, progress: Progress, on_output: Callable[[Frame], None]) -> int:
-        """Push every frame through; returns the number of frames written."""
+    def run(
+        self, frames: Iterator[Frame], sink: Sink, progress: Progress, on_output: Callable[[Frame], None], start: int = 0
+    ) -> int:
+        """Push every frame through; write those from `start` on; return how many were written."""
         stages, written, source_done = self.stages, 0, False
         if not stages:
             for frame in frames:
-                on_output(frame)
-                sink.write(frame)
-                written += 1
+                if frame.index >= start:
+                    on_output(frame)
+                    sink.write(frame)
+                    written += 1
             return written
         while not stages[-1].finished:
             moved = False
@@ -148,11 +149,11 @@ class Pipeline:
             for i, stage in enumerate(stages):
                 for frame in stage.pop():
                     moved = True
-                    if i in self.taps:
+                    if i in self.taps and frame.index >= start:
                         self.taps[i].write(frame)
                     if i + 1 < len(stages):
                         stages[i + 1].push(frame)
-                    else:
+                    elif frame.index >= start:
                         on_output(frame)
                         sink.write(frame)
                         written += 1
@@ -178,9 +179,17 @@ def render(
     stdout: BinaryIO | None = None,
     model: Model | None = None,
     preview: Path | None = None,
+    resume: bool = False,
 ) -> RenderResult:
-    """Render INPUT to OUTPUT with these settings; nothing that looks finished is left on failure."""
+    """Render INPUT to OUTPUT with these settings; nothing that looks finished is left on failure.
+
+    With `resume`, an interrupted render of the same output with the same settings is continued:
+    frames already finished are kept and the rest are rendered exactly as an uninterrupted run would.
+    """
     check_sampler(settings.sampler_name)
+    start = 0
+    if resume:
+        settings, start = _resume_point(settings, output_spec)
     settings = concrete_seeds(settings)
     resolver = ParamResolver(settings, settings.seed, settings.subseed)
     progress = Progress(None, settings.loop_n, quiet)
@@ -199,14 +208,15 @@ def render(
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
         executor = Executor(_engines(settings, model, denoiser, device, progress))
-        stages, tap_after = _render_stages(settings, model, resolver, executor)
+        stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
         if settings.save_every_loop and output_spec == "-":
             progress.log("vlrt: save_every_loop ignored: the output is a pipe")
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
-        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview)
-    _write_settings(settings, input_spec, output_spec, written)
+        write_settings(settings, input_spec, output_spec, None)
+        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, start)
+    write_settings(settings, input_spec, output_spec, written)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -249,15 +259,19 @@ def _stream(
     progress: Progress,
     stdout: BinaryIO | None,
     preview: Path | None,
+    start: int = 0,
 ) -> int:
-    """Run the frames of `source` through `stages` into the output (and the per-pass taps)."""
+    """Run the frames of `source` through `stages` into the output (and the per-pass taps).
+
+    Output frames before `start` are dropped (they exist already); the stages start at their
+    `first` frame, `reach` frames earlier, so the kept frames are exact."""
     fps = settings.output_fps(source.info.fps)
     subsampled = settings.extract_nth_frame != 1 and not settings.is_continue
     audio = source.info.path if source.info.has_audio and not subsampled else None
     progress.set_total(source.info.frame_count)
     sinks: list[Sink] = []
     try:
-        sink = _open_sink(settings, output_spec, fps, audio, stdout)
+        sink = _open_sink(settings, output_spec, fps, audio, stdout, resume_at=start)
         sinks.append(sink)
         tap_sinks = {stage: _open_sink(settings, spec, fps, audio, None) for stage, spec in taps.items()}
         sinks.extend(tap_sinks.values())
@@ -265,9 +279,12 @@ def _stream(
         pipeline = Pipeline(stages, executor, capacity, tap_sinks)
         collector = PreviewCollector(source.info.frame_count)
         width, height = settings.width, settings.height
-        frames = source if width is None else (resize_frame(f, width, height, settings.resize_mode) for f in source)
-        written = pipeline.run(collector.watch_inputs(iter(frames)), sink, progress, collector.see_output)
-        if written == 0:
+        first = stages[0].first if stages else start
+        frames = (f for f in source if f.index >= first)
+        if width is not None:
+            frames = (resize_frame(f, width, height, settings.resize_mode) for f in frames)
+        written = pipeline.run(collector.watch_inputs(frames), sink, progress, collector.see_output, start)
+        if written == 0 and start == 0:
             raise VlrtError("the input produced no frames: check it is a video or an image folder with frames")
         for s in sinks:
             s.close()
@@ -297,22 +314,38 @@ def _engines(settings: Settings, model: Model | None, denoiser: nn.Module | None
     )
 
 
-def _write_settings(settings: Settings, input_spec: str, output_spec: str, written: int) -> None:
-    path = settings_path(output_spec)
-    if path is not None:
-        extra = {"version": __version__, "input": input_spec, "output": output_spec, "frames": written}
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
-        tmp.replace(path)
-
-
 def _in_flight(settings: Settings) -> int:
     """Frames each pass keeps in flight so that one round fills about one engine call."""
     rows_per_frame = settings.n_iter * settings.batch_size * (2 if settings.cfg_scale > 1 else 1)
     return max(1, math.ceil(settings.max_batch / rows_per_frame))
 
 
-def _render_stages(settings: Settings, model: Model, resolver: ParamResolver, executor: Executor) -> tuple[list[Stage], list[int]]:
+def pipeline_reach(settings: Settings) -> int:
+    """How many input frames on each side an output frame depends on: every pass's temporal radius,
+    plus FastDVDNet's 2 after each pass when it is on."""
+    per_pass = len(settings.temporal_weights()) // 2 + (2 if settings.video_post_process_method == "fastdvdnet" else 0)
+    return settings.loop_n * per_pass
+
+
+def _resume_point(settings: Settings, output_spec: str) -> tuple[Settings, int]:
+    """The saved settings (checked against these) and the first frame still to render."""
+    saved = saved_settings(output_spec)
+    if output_spec == "-":
+        raise VlrtError("--resume needs a file or folder output; a pipe cannot be resumed")
+    if saved is None:
+        return settings, 0
+    saved_settings_, complete = saved
+    settings = resumable_settings(settings, saved_settings_)
+    if complete:
+        raise VlrtError(f"{output_spec} is already complete: nothing to resume (render again without --resume to redo it)")
+    if is_folder_output(output_spec):
+        return settings, finished_folder_frames(output_spec)
+    return settings, finished_video_frames(output_spec)
+
+
+def _render_stages(
+    settings: Settings, model: Model, resolver: ParamResolver, executor: Executor, first: int
+) -> tuple[list[Stage], list[int]]:
     """The loop passes, each followed by FastDVDNet when asked; and the stage that ends each pass."""
     in_flight = _in_flight(settings)
     stages: list[Stage] = []
@@ -327,6 +360,7 @@ def _render_stages(settings: Settings, model: Model, resolver: ParamResolver, ex
                 executor=executor,
                 in_flight=in_flight,
                 rounding=settings.blend_rounding,
+                first=first,
             )
         )
         if settings.video_post_process_method == "fastdvdnet":
@@ -338,6 +372,7 @@ def _render_stages(settings: Settings, model: Model, resolver: ParamResolver, ex
                     rounding=settings.blend_rounding,
                     max_batch=settings.max_batch,
                     noise_seed_of=(settings.seed, loop),
+                    first=first,
                 )
             )
         pass_ends.append(len(stages) - 1)
@@ -364,7 +399,9 @@ def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None) -> Sourc
     )
 
 
-def _open_sink(settings: Settings, spec: str, fps: Fraction, audio: Path | None, stdout: BinaryIO | None) -> Sink:
+def _open_sink(
+    settings: Settings, spec: str, fps: Fraction, audio: Path | None, stdout: BinaryIO | None, resume_at: int = 0
+) -> Sink:
     return open_sink(
         spec,
         fps=fps,

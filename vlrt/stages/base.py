@@ -1,7 +1,9 @@
 """What every pipeline stage offers the driver.
 
-A stage receives frames in index order (`push`), learns that no more will come (`close`), and
-hands back finished frames in index order (`pop`). It holds only a small ring buffer of the
+A stage receives frames in index order from `first` on (`push`), learns that no more will come
+(`close`), and hands back finished frames in index order (`pop`). A stage that starts at
+`first > 0` (a resumed render, a segment) treats `first` as the start of the video; the frames
+it makes within its `reach` of that start are then approximate, and the driver drops them. It holds only a small ring buffer of the
 frames it still needs, so memory does not grow with the length of the video. Work on engines
 goes through the executor as jobs; `pop` is where a stage notices finished jobs.
 """
@@ -18,9 +20,13 @@ class Stage(ABC):
 
     name = "stage"
 
-    def __init__(self) -> None:
-        self.received = 0
-        self.emitted = 0
+    reach = 0
+    """How far (in frames, each way) an output frame depends on this stage's inputs."""
+
+    def __init__(self, first: int = 0) -> None:
+        self.first = first
+        self.received = first
+        self.emitted = first
         self.closed = False
 
     def push(self, frame: Frame) -> None:

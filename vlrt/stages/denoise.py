@@ -31,6 +31,8 @@ def noise_seed(seed: int, loop_index: int, frame_index: int) -> int:
 class Denoise(Stage):
     """Denoise each frame from its ±2 neighbours, then mix: `original·(1−alpha) + denoised·alpha`."""
 
+    reach = 2
+
     def __init__(
         self,
         executor: Executor,
@@ -40,10 +42,11 @@ class Denoise(Stage):
         rounding: str,
         max_batch: int,
         noise_seed_of: tuple[int, int] | None = None,
+        first: int = 0,
     ) -> None:
         """`sigma` is on the 0–255 scale; `noise_seed_of` = (run seed, loop index) adds the extension's
         synthetic noise (render), None denoises the frames as given (`vlrt denoise`)."""
-        super().__init__()
+        super().__init__(first)
         self.name = "denoise" if noise_seed_of is None else f"denoise after loop pass {noise_seed_of[1] + 1}"
         self.sigma = sigma / 255.0
         self.alpha = alpha

@@ -49,20 +49,21 @@ class LoopPass(Stage):
         executor: Executor,
         in_flight: int,
         rounding: str,
+        first: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(first)
         self.loop_index = loop_index
         self.name = f"loop pass {loop_index + 1}"
         self.model = model
         self.sampler_name = sampler_name
         self.resolver = resolver
         self.executor = executor
-        self.radius = len(resolver.base_weights) // 2
+        self.radius = self.reach = len(resolver.base_weights) // 2
         self.in_flight = max(1, in_flight)
         self.rounding = rounding
         self.inputs: dict[int, Frame] = {}
         self.requests: dict[int, _Request] = {}
-        self.next_start = 0
+        self.next_start = first
 
     @property
     def capacity(self) -> int:
@@ -102,7 +103,7 @@ class LoopPass(Stage):
         if h == 0:
             return self.inputs[f].image
         last = self.received - 1 if self.closed else f + h
-        offsets = [d for d in range(-h, h + 1) if 0 <= f + d <= last]
+        offsets = [d for d in range(-h, h + 1) if self.first <= f + d <= last]
         frames = [self.inputs[f + d].image for d in offsets]
         return blend.temporal_simple(frames, [weights[h + d] for d in offsets], offsets.index(0), self.rounding)
 

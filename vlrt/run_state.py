@@ -1,0 +1,86 @@
+"""What a render leaves beside its output, and how an interrupted one is picked up again.
+
+The settings file (`out.mp4.settings.toml`, or `settings.toml` inside an output folder) is
+written when a render starts, marked `complete = false`, and rewritten when it finishes. It
+holds the concrete seeds, so `--resume` repeats exactly the same render, and it is what `--resume`
+compares: a setting that changes the frames and differs is refused by name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from vlrt import __version__
+from vlrt.errors import VlrtError
+from vlrt.settings import FRAMES, SETTINGS_FIELDS, Settings, build_settings, dump_settings, load_config
+
+
+def is_folder_output(output: str) -> bool:
+    return output.endswith(("/", "\\")) or Path(output).is_dir()
+
+
+def settings_path(output: str) -> Path | None:
+    """Where the settings of a run are written: beside a file output, inside a folder output."""
+    if output == "-":
+        return None
+    path = Path(output)
+    if is_folder_output(output):
+        return path / "settings.toml"
+    return path.with_name(path.name + ".settings.toml")
+
+
+def write_settings(settings: Settings, input_spec: str, output_spec: str, frames: int | None) -> None:
+    """Record the run (atomically); `frames` None means the render is still under way."""
+    path = settings_path(output_spec)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra: dict[str, Any] = {"version": __version__, "input": input_spec, "output": output_spec, "complete": frames is not None}
+    if frames is not None:
+        extra["frames"] = frames
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
+    tmp.replace(path)
+
+
+def saved_settings(output: str) -> tuple[Settings, bool] | None:
+    """The settings an earlier render of this output recorded, and whether it completed."""
+    path = settings_path(output)
+    if path is None or not path.is_file():
+        return None
+    import tomllib
+
+    data = tomllib.loads(path.read_text(encoding="utf-8"))
+    return build_settings(load_config(path)), bool(data.get("vlrt", {}).get("complete", False))
+
+
+def resumable_settings(settings: Settings, saved: Settings) -> Settings:
+    """The settings to resume with: the saved seeds and size where this run left them open; any
+    other setting that changes the frames must be the same."""
+    fill = {name: getattr(saved, name) for name in ("seed", "subseed") if getattr(settings, name) == -1}
+    fill.update({name: getattr(saved, name) for name in ("width", "height") if getattr(settings, name) is None})
+    settings = settings.__class__(**{**vars(settings), **fill})
+    for name, field in SETTINGS_FIELDS.items():
+        if field.metadata["group"] == FRAMES and getattr(settings, name) != getattr(saved, name):
+            raise VlrtError(
+                f"--resume: setting {name} is {getattr(settings, name)!r} but the interrupted render used "
+                f"{getattr(saved, name)!r}: resume with the same settings, or render again without --resume"
+            )
+    return settings
+
+
+def finished_folder_frames(output: str) -> int:
+    """How many frames, from the first on, an output folder already holds (PNG writes are atomic)."""
+    folder = Path(output)
+    count = 0
+    while (folder / f"{count:06d}.png").is_file():
+        count += 1
+    return count
+
+
+def finished_video_frames(output: str) -> int:
+    """How many frames, from the first on, an interrupted video output already holds."""
+    from vlrt.io.sinks import finished_frames
+
+    return finished_frames(Path(output))
