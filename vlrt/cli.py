@@ -82,6 +82,49 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preview(args: argparse.Namespace) -> int:
+    import itertools
+    from dataclasses import replace
+
+    from vlrt.models import load_model
+    from vlrt.pipeline import pick_device, render_span
+    from vlrt.preview import parse_sweep, sweep_grid
+    from vlrt.settings import build_settings as check
+
+    settings = settings_from_args(args)
+    try:
+        frames = [int(f) for f in args.frames.split(",") if f.strip()]
+    except ValueError:
+        raise VlrtError(f"--frames {args.frames!r} is not a list of frame numbers, e.g. 0,24,48") from None
+    sweeps = [parse_sweep(s) for s in args.sweep]
+    for name, values in sweeps:
+        for value in values:
+            check(overrides={name: value})  # an unknown name or a wrongly typed value fails before any work
+    model = load_model(settings.model, pick_device(settings.device))
+    combos = []
+    for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
+        changes = dict(zip([n for n, _ in sweeps], values))
+        label = " ".join(f"{k}={v}" for k, v in changes.items()) or "settings"
+        combos.append((label, replace(settings, **changes)))
+
+    def render_frame(s: Settings, f: int) -> dict:
+        pictures: dict = {}
+        render_span(s, args.input, f, f + 1, model=model, every_pass=args.show_loops,
+                    on_frame=lambda p, frame: pictures.__setitem__(p, frame.image))
+        if not pictures:
+            raise VlrtError(f"frame {f} is past the end of {args.input}: choose --frames within the video")
+        return pictures
+
+    sheet = sweep_grid(combos, frames, render_frame, args.show_loops)
+    out = Path(args.output)
+    tmp = out.with_name(out.name + ".partial.png")
+    sheet.save(tmp)
+    tmp.replace(out)
+    if not args.quiet:
+        print(f"vlrt: wrote {out} ({len(combos)} settings × {len(frames)} frames)", file=sys.stderr)
+    return 0
+
+
 def _denoise(args: argparse.Namespace) -> int:
     from vlrt.pipeline import denoise
 
@@ -160,6 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue an interrupted render of the same output with the same settings")
     add_settings_arguments(render)
     render.set_defaults(run=_render)
+
+    prev = commands.add_parser("preview", help="render a few frames for every combination of swept settings into one grid")
+    prev.add_argument("input", help="video file, image folder or one image")
+    prev.add_argument("-o", "--output", required=True, help="the grid PNG")
+    prev.add_argument("--frames", default="0", help="comma-separated frame numbers (0-based), e.g. 0,24,48")
+    prev.add_argument("--sweep", action="append", default=[], metavar="NAME=V1,V2",
+                      help="a setting and its values (repeatable; use | between values that hold commas)")
+    prev.add_argument("--show-loops", action="store_true", help="one row per loop pass, not only the last")
+    prev.add_argument("--config", help="TOML file of settings (command-line options override it)")
+    prev.add_argument("-q", "--quiet", action="store_true", help="no messages on standard error")
+    add_settings_arguments(prev)
+    prev.set_defaults(run=_preview)
 
     export = commands.add_parser("export", help="build engines (ONNX, and TensorRT plans where present) into the engine cache")
     export.add_argument("--components", default="unet,vae_encoder,vae_decoder",

@@ -14,6 +14,7 @@ import math
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from itertools import takewhile
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -125,13 +126,23 @@ class Pipeline:
         self.taps = taps
 
     def run(
-        self, frames: Iterator[Frame], sink: Sink, progress: Progress, on_output: Callable[[Frame], None], start: int = 0
+        self,
+        frames: Iterator[Frame],
+        sink: Sink,
+        progress: Progress,
+        on_output: Callable[[Frame], None],
+        start: int = 0,
+        stop: int | None = None,
     ) -> int:
-        """Push every frame through; write those from `start` on; return how many were written."""
+        """Push every frame through; write those in [start, stop); return how many were written."""
         stages, written, source_done = self.stages, 0, False
+
+        def wanted(frame: Frame) -> bool:
+            return frame.index >= start and (stop is None or frame.index < stop)
+
         if not stages:
             for frame in frames:
-                if frame.index >= start:
+                if wanted(frame):
                     on_output(frame)
                     sink.write(frame)
                     written += 1
@@ -149,11 +160,11 @@ class Pipeline:
             for i, stage in enumerate(stages):
                 for frame in stage.pop():
                     moved = True
-                    if i in self.taps and frame.index >= start:
+                    if i in self.taps and wanted(frame):
                         self.taps[i].write(frame)
                     if i + 1 < len(stages):
                         stages[i + 1].push(frame)
-                    elif frame.index >= start:
+                    elif wanted(frame):
                         on_output(frame)
                         sink.write(frame)
                         written += 1
@@ -325,6 +336,54 @@ def pipeline_reach(settings: Settings) -> int:
     plus FastDVDNet's 2 after each pass when it is on."""
     per_pass = len(settings.temporal_weights()) // 2 + (2 if settings.video_post_process_method == "fastdvdnet" else 0)
     return settings.loop_n * per_pass
+
+
+class _Collect:
+    """A sink that keeps frames in memory (for previews)."""
+
+    def __init__(self, pass_number: int, on_frame: Callable[[int, Frame], None]) -> None:
+        self.pass_number, self.on_frame = pass_number, on_frame
+
+    def write(self, frame: Frame) -> None:
+        self.on_frame(self.pass_number, frame)
+
+
+def render_span(
+    settings: Settings,
+    input_spec: str,
+    start: int,
+    stop: int,
+    *,
+    model: Model,
+    on_frame: Callable[[int, Frame], None],
+    every_pass: bool = False,
+) -> dict[str, int]:
+    """Render only output frames [start, stop), reading just the inputs they depend on.
+
+    `on_frame(pass_number, frame)` receives the finished frames (pass_number = loop_n), and with
+    `every_pass` each loop pass's frames too (1 … loop_n). Returns the engine call counts."""
+    settings = concrete_seeds(settings)
+    resolver = ParamResolver(settings, settings.seed, settings.subseed)
+    progress = Progress(None, settings.loop_n, quiet=True)
+    device = pick_device(settings.device)
+    denoiser = None
+    if settings.video_post_process_method == "fastdvdnet":
+        denoiser = fastdvdnet_network(settings.fastdvdnet_weights, model.is_demo, progress.log)
+    reach = pipeline_reach(settings)
+    with _open_source(settings, input_spec, None) as source:
+        width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
+        settings = replace(settings, width=width, height=height)
+        resolver.check_all_first()
+        executor = Executor(_engines(settings, model, denoiser, device, progress))
+        first = max(0, start - reach)
+        stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
+        taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
+        frames = (f for f in source if f.index >= first)
+        frames = (resize_frame(f, width, height, settings.resize_mode) for f in takewhile(lambda f: f.index < stop + reach, frames))
+        Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
+            frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
+        )
+    return executor.engines.calls
 
 
 def _resume_point(settings: Settings, output_spec: str) -> tuple[Settings, int]:

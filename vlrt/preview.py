@@ -1,11 +1,13 @@
-"""The render preview: a few input frames above the same frames rendered, in one PNG."""
+"""Pictures for tuning: the render preview (a few inputs above the same frames rendered) and
+the contact sheet of a parameter sweep (`vlrt preview`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from vlrt.contact_sheet import contact_sheet
 from vlrt.frames import Frame
@@ -46,3 +48,42 @@ class PreviewCollector:
         tmp = path.with_name(path.name + ".partial.png")
         sheet.save(tmp)
         tmp.replace(path)
+
+
+def parse_sweep(text: str) -> tuple[str, list[object]]:
+    """`name=v1,v2,…` (or `name=a|b` when values hold commas) to the name and typed values."""
+    import tomllib
+
+    from vlrt.errors import VlrtError
+
+    name, sep, values = text.partition("=")
+    if not sep or not values:
+        raise VlrtError(f"--sweep {text!r} is not NAME=V1,V2: e.g. --sweep superimpose_alpha=0.15,0.25")
+    parts = values.split("|") if "|" in values else values.split(",")
+
+    def typed(value: str) -> object:
+        try:
+            return tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            return value.strip()
+
+    return name.strip().replace("-", "_"), [typed(v) for v in parts]
+
+
+def sweep_grid(
+    settings_rows: list[tuple[str, object]],
+    frames: list[int],
+    render_frame: Callable[[object, int], dict[int, np.ndarray]],
+    show_loops: bool,
+) -> Image.Image:
+    """The contact sheet of a sweep: a row per setting combination (per loop pass with `show_loops`),
+    a column per frame. `render_frame(settings, f)` returns {pass number: picture} for frame f."""
+    rows: list[list[np.ndarray]] = []
+    labels: list[str] = []
+    for label, settings in settings_rows:
+        per_frame = [render_frame(settings, f) for f in frames]
+        passes = sorted(per_frame[0]) if show_loops else [max(per_frame[0])]
+        for p in passes:
+            rows.append([pictures[p] for pictures in per_frame])
+            labels.append(f"{label} L{p}" if show_loops else label)
+    return contact_sheet(rows, labels, [f"frame {f}" for f in frames])
