@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -246,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(getattr(args, "quiet", False))
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         return args.run(args)
     except OutputClosed as exc:
@@ -256,12 +259,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlrt: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("vlrt: interrupted", file=sys.stderr)
+        hint = " (finished frames are kept: run the same command with --resume to continue)" if args.command == "render" else ""
+        print(f"vlrt: interrupted{hint}", file=sys.stderr)
         return 130
     except BrokenPipeError:
         _silence_stdout()
         print("vlrt: error: output pipe closed by the reader", file=sys.stderr)
         return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM stops a render the way Ctrl-C does: cleanly, keeping what is finished."""
+    raise KeyboardInterrupt
 
 
 def _configure_logging(quiet: bool) -> None:

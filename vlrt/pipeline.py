@@ -166,7 +166,7 @@ class Pipeline:
                         stages[i + 1].push(frame)
                     elif wanted(frame):
                         on_output(frame)
-                        sink.write(frame)
+                        _write(sink, frame)
                         written += 1
                 if stage.finished and i + 1 < len(stages) and not stages[i + 1].closed:
                     stages[i + 1].close()
@@ -174,7 +174,15 @@ class Pipeline:
             if moved:
                 progress.update(written, [s.emitted for s in stages])
             elif self.executor.pending:
-                self.executor.run_once()
+                try:
+                    self.executor.run_once()
+                except (RuntimeError, OSError, ValueError) as exc:
+                    frames_in_work = sorted({s.emitted for s in stages if not s.finished})
+                    raise VlrtError(
+                        f"the engines failed while rendering frame {frames_in_work[0] if frames_in_work else '?'}: "
+                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; finished frames "
+                        "are kept: fix the cause and run the same command with --resume"
+                    ) from exc
             elif not stages[-1].finished:
                 raise RuntimeError("pipeline stalled with no pending work (a bug in a stage)")
         return written
@@ -336,6 +344,17 @@ def pipeline_reach(settings: Settings) -> int:
     plus FastDVDNet's 2 after each pass when it is on."""
     per_pass = len(settings.temporal_weights()) // 2 + (2 if settings.video_post_process_method == "fastdvdnet" else 0)
     return settings.loop_n * per_pass
+
+
+def _write(sink: Sink, frame: Frame) -> None:
+    """Hand a finished frame to the output; a full disk or a dead device is named, not a traceback."""
+    try:
+        sink.write(frame)
+    except OSError as exc:
+        raise VlrtError(
+            f"writing frame {frame.index} to the output failed: {exc.strerror or exc}; finished frames are kept: "
+            "free space or fix the output, then run the same command with --resume"
+        ) from exc
 
 
 class _Collect:
