@@ -47,18 +47,23 @@ def peak_rss_of(command: list[str]) -> tuple[int, float]:
     return usage.ru_maxrss * 1024, elapsed
 
 
-def bench_memory(short: int = 60, long: int = 600, size: tuple[int, int] = (64, 64)) -> dict:
-    """Peak memory of a render of `short` and of `long` frames (separate processes, same settings)."""
+RENDER_ARGS = [
+    "--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "4", "--denoising-strength", "0.5",
+    "--temporal-superimpose-alpha-list", "0.2,0.6,0.2", "--seed", "1",
+]
+
+
+def bench_memory(
+    short: int = 60, long: int = 600, size: tuple[int, int] = (64, 64), command: tuple[str, ...] = ("render", *RENDER_ARGS)
+) -> dict:
+    """Peak memory of `vlrt COMMAND` over `short` and over `long` frames (separate processes, same settings)."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for frames in (short, long):
             clip = _write_clip(Path(tmp) / f"clip{frames}.mkv", frames, size)
-            command = [
-                sys.executable, "-m", "vlrt", "render", str(clip), "-o", "-", "--output-format", "rawvideo",
-                "--model", "demo", "--loop-n", "2", "--steps", "4", "--denoising-strength", "0.5",
-                "--temporal-superimpose-alpha-list", "0.2,0.6,0.2", "--seed", "1", "--quiet",
-            ]
-            results[frames] = peak_rss_of(command)
+            argv = [sys.executable, "-m", "vlrt", command[0], str(clip), "-o", "-", "--output-format", "rawvideo",
+                    *command[1:], "--quiet"]
+            results[frames] = peak_rss_of(argv)
     return {
         "frames": (short, long),
         "peak_rss_mib": tuple(results[n][0] / 2**20 for n in (short, long)),
@@ -108,14 +113,19 @@ def table(rows: list[tuple], header: tuple) -> str:
     return "\n".join(lines)
 
 
+SECTIONS = ("throughput", "memory", "fastdvdnet", "soak")
+
+
 def run(sections: list[str], out: Callable[[str], None] = print) -> None:
     """Run the chosen benchmark sections and print markdown tables."""
-    out(f"vlrt bench on {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+    out(f"vlrt bench on {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
     if "throughput" in sections:
         configs = {
             "torch, batching off": dict(backend="torch", max_batch=1),
             "torch, batching on": dict(backend="torch", max_batch=16),
+            "ort, batching off": dict(backend="ort", max_batch=1),
+            "ort, batching on": dict(backend="ort", max_batch=16),
         }
         fps = bench_throughput(configs)
         base = fps["torch, batching off"]
@@ -124,8 +134,40 @@ def run(sections: list[str], out: Callable[[str], None] = print) -> None:
         out("")
     if "memory" in sections:
         m = bench_memory()
-        out("## Peak memory against video length (demo model, 64×64, loop_n 2, stdin→stdout)\n")
+        out("## Peak memory against video length: render (demo model, 64×64, loop_n 2, file → stdout)\n")
         rows = [(n, f"{rss:.0f}", f"{s:.1f}") for n, rss, s in zip(m["frames"], m["peak_rss_mib"], m["seconds"])]
         out(table(rows, ("frames", "peak RSS (MiB)", "wall (s)")))
-        out(f"\nratio long/short: {m['ratio']:.3f}\n")
+        out(f"\nratio {m['frames'][1]}/{m['frames'][0]} frames: {m['ratio']:.3f}\n")
+    if "fastdvdnet" in sections:
+        from vlrt.fastdvdnet.bench import bench_reuse
 
+        r = bench_reuse(24, 96, 128)
+        out("## FastDVDNet stage-1 reuse (random weights, 24 frames 96×128, CPU)\n")
+        out(table([("plain network per frame", f"{r['plain_fps']:.2f}", "1.00×"),
+                   ("streaming with reuse", f"{r['reuse_fps']:.2f}", f"{r['ratio']:.2f}×")],
+                  ("method", "frames/s", "ratio")))
+        out(f"\nmax abs difference between the two: {r['max_abs_diff']:.2e}\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = _random_fastdvdnet(Path(tmp) / "model.pth")
+            m = bench_memory(60, 600, (64, 64), ("denoise", "--weights", str(weights), "--sigma", "20"))
+        out("## Peak memory against video length: vlrt denoise (64×64)\n")
+        rows = [(n, f"{rss:.0f}", f"{s:.1f}") for n, rss, s in zip(m["frames"], m["peak_rss_mib"], m["seconds"])]
+        out(table(rows, ("frames", "peak RSS (MiB)", "wall (s)")))
+        out(f"\nratio {m['frames'][1]}/{m['frames'][0]} frames: {m['ratio']:.3f}\n")
+    if "soak" in sections:
+        soak = ("render", "--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2",
+                "--denoising-strength", "0.5", "--seed", "1")
+        m = bench_memory(1000, 10000, (32, 32), soak)
+        out("## Soak: peak memory over 1 000 and 10 000 frames (demo model, 32×32, loop_n 2)\n")
+        rows = [(n, f"{rss:.0f}", f"{s:.1f}") for n, rss, s in zip(m["frames"], m["peak_rss_mib"], m["seconds"])]
+        out(table(rows, ("frames", "peak RSS (MiB)", "wall (s)")))
+        out(f"\nratio {m['frames'][1]}/{m['frames'][0]} frames: {m['ratio']:.3f}\n")
+
+
+def _random_fastdvdnet(path: Path) -> Path:
+    from vlrt.fastdvdnet.checkpoint import save_upstream_layout
+    from vlrt.fastdvdnet.network import FastDVDnet
+
+    torch.manual_seed(0)
+    save_upstream_layout(FastDVDnet(), path)
+    return path

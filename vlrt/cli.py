@@ -127,6 +127,17 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from vlrt import bench
+
+    sections = args.sections or ["throughput", "memory", "fastdvdnet"]
+    unknown = set(sections) - set(bench.SECTIONS)
+    if unknown:
+        raise VlrtError(f"unknown bench section(s) {', '.join(sorted(unknown))}: choose from {', '.join(bench.SECTIONS)}")
+    bench.run(sections)
+    return 0
+
+
 def _denoise(args: argparse.Namespace) -> int:
     from vlrt.pipeline import denoise
 
@@ -235,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
     add_settings_arguments(den, IO_SETTINGS)
     den.set_defaults(run=_denoise)
+
+    bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
+    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak (default: the first three)")
+    bench.set_defaults(run=_bench)
 
     from vlrt.doctor import add_doctor_parser
     from vlrt.report import add_report_parser
