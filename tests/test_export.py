@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from onnx import numpy_helper
 
 from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER
 from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule

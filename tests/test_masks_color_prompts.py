@@ -323,7 +323,7 @@ def _pillow_diff_blend(frames, refs, weights, current):
     acc = None
     for k, (frame, ref, a) in enumerate(zip(frames, refs, weights), start=1):
         diff = ImageChops.difference(ref_now, Image.fromarray(ref)).convert("L")
-        mask = diff.point(lambda x: 255 if x > 0 else 255 * (1 - a))
+        mask = diff.point(lambda x: 255 if x > 0 else 255 * (1 - a))  # noqa: B023 (used at once)
         mixed = Image.composite(now, Image.fromarray(frame), mask)
         acc = mixed if acc is None else Image.blend(acc, mixed, 1.0 / k)
     return np.asarray(acc)
@@ -369,7 +369,7 @@ def test_difference_mask_values():
     assert difference_mask(a, b, 1.5).tolist() == [[0, 0, 255]]  # clipped
     grey = Image.fromarray(np.array([[0, 1]], np.uint8))
     for w in (0.5, 0.1, 0.9, 1 / 3, 0.998, 128.5 / 255):  # the static value is Pillow's point() rounding
-        expected = np.asarray(grey.point(lambda x: 255 if x > 0 else 255 * (1 - w)))[0, 0]
+        expected = np.asarray(grey.point(lambda x: 255 if x > 0 else 255 * (1 - w)))[0, 0]  # noqa: B023 (used at once)
         assert difference_mask(a, a, w)[0, 0] == expected, w
 
 

@@ -10,8 +10,8 @@ import argparse
 import logging
 import os
 import signal
-import threading
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
 from typing import Any

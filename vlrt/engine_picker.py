@@ -30,6 +30,7 @@ from vlrt.engines.torch_engine import TorchEngine
 from vlrt.errors import VlrtError
 from vlrt.models import Model
 
+
 def default_engines_dir() -> Path:
     """$VLRT_ENGINES; else the checkout's engines/ folder when running from source; else the user cache."""
     if os.environ.get("VLRT_ENGINES"):

@@ -17,6 +17,7 @@ import torch
 from vlrt.engines.base import EngineSet
 from vlrt.jobs import Img2ImgJob, Phase
 
+
 class Executor:
     """Owns the engines; advances submitted jobs in batches."""
 

@@ -14,15 +14,14 @@ import math
 import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from itertools import takewhile
 from fractions import Fraction
+from itertools import takewhile
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import nn
 
-from vlrt import __version__
 from vlrt.engine_picker import default_engines_dir, open_engines
 from vlrt.engines.base import EngineSet
 from vlrt.errors import VlrtError
@@ -35,7 +34,6 @@ from vlrt.params import ParamResolver
 from vlrt.preview import PreviewCollector
 from vlrt.progress import Progress
 from vlrt.resize import resize_frame
-from vlrt.samplers import check_sampler
 from vlrt.run_state import (
     finished_folder_frames,
     finished_video_frames,
@@ -44,6 +42,7 @@ from vlrt.run_state import (
     saved_settings,
     write_settings,
 )
+from vlrt.samplers import check_sampler
 from vlrt.settings import Settings
 from vlrt.stages.base import Stage
 from vlrt.stages.denoise import Denoise
@@ -489,4 +488,5 @@ def _open_sink(
         lossless=settings.lossless,
         output_format=settings.output_format,
         stdout=stdout,
+        resume_at=resume_at,
     )

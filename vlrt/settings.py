@@ -8,13 +8,13 @@ the resume check all come from it. Command-line values override the config file.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from vlrt.errors import VlrtError
 
