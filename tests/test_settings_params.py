@@ -105,3 +105,14 @@ def test_slerp_ends_and_norm():
     lo, hi = sorted((float(a.norm()), float(b.norm())))
     assert 0.97 * lo <= float(mid.norm()) <= 1.03 * hi
     assert float(((a + b) / 2).norm()) < 0.8 * lo
+
+
+def test_every_preset_is_valid_and_its_schedules_compile():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parent.parent / "presets").glob("*.toml"))
+    assert {p.stem for p in presets} >= {"demo", "extension", "stable", "stylised"}
+    for path in presets:
+        settings = build_settings(load_config(path))
+        params = ParamResolver(settings, 1, 1)(0, settings.loop_n - 1)
+        assert params.steps >= 1 and 0 <= params.denoising_strength <= 1
