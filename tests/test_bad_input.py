@@ -39,7 +39,7 @@ CASES = [
     ("empty folder", lambda d: [str(_empty(d))], [], "empty"),
     ("corrupt image", lambda d: [str(_corrupt_image(d))], [], "0002.png"),
     ("corrupt video", lambda d: [str(_corrupt_video(d))], [], "broken.mp4"),
-    ("width not a multiple", lambda d: [str(d)], ["--width", "30"], "multiple of 4"),
+    ("width not a multiple", lambda d: [str(d)], ["--width", "31"], "multiple of 2"),
     ("even temporal list", lambda d: [str(d)], ["--temporal-superimpose-alpha-list", "0.5,0.5"], "odd number"),
     ("schedule does not parse", lambda d: [str(d)], ["--denoising-schedule", "0.4 if loop_i<3 else"], "denoising_schedule"),
     ("unsafe schedule", lambda d: [str(d)], ["--seed-schedule", "__import__('os').system('touch CANARY')"], "seed_schedule"),

@@ -98,3 +98,17 @@ def test_render_without_weights_for_a_real_model_says_where_to_get_them(tiny8_di
     err = capsys.readouterr().err
     assert code != 0 and "m-tassano/fastdvdnet" in err and "--fastdvdnet-weights" in err
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_denoise_on_ort_agrees_with_torch(weights, tmp_path):
+    path, _ = weights
+    rng = np.random.default_rng(3)
+    write_frames(tmp_path / "in", [rng.integers(0, 256, (20, 24, 3), dtype=np.uint8) for _ in range(5)])
+    outs = {}
+    for backend in ("torch", "ort"):
+        out = tmp_path / backend
+        assert main(["denoise", str(tmp_path / "in"), "-o", str(out) + "/", "--weights", str(path), "--backend", backend,
+                     "--quiet"]) == 0
+        outs[backend] = read_frames(out)
+    assert len(outs["ort"]) == 5
+    assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(outs["ort"], outs["torch"])) <= 1

@@ -31,7 +31,7 @@ def _type_of(annotation: str) -> Any:
 
 IO_SETTINGS = (
     "max_frames", "extract_nth_frame", "output_frame_rate", "crf", "lossless", "codec", "output_format",
-    "input_format", "input_size", "input_fps", "device", "max_batch", "blend_rounding",
+    "input_format", "input_size", "input_fps", "device", "max_batch", "blend_rounding", "backend", "precision", "engines",
 )
 
 
