@@ -207,6 +207,8 @@ def render(
     check_sampler(settings.sampler_name)
     start = 0
     if resume:
+        if settings.save_every_loop and not is_folder_output(output_spec):
+            raise VlrtError("--resume cannot continue the per-pass videos of --save-every-loop: resume without it")
         settings, start = _resume_point(settings, output_spec)
     settings = concrete_seeds(settings)
     resolver = ParamResolver(settings, settings.seed, settings.subseed)

@@ -3,14 +3,17 @@
 Every sink encodes on a background thread behind a bounded queue: `write()` only queues the
 frame, so encoding overlaps inference, and an encoder error comes back from the next
 `write()` or from `close()`. Nothing that looks finished is left by a failed run: a video
-file is written under a hidden temporary name beside the target and renamed onto it only
-by `close()`; `abort()` deletes it. PNG frames are each written to a temporary name and
-renamed, so a folder only ever holds whole frames. Codec choices are in `vlrt.io.encoding`.
+file is encoded in whole parts in a hidden folder beside the target (`vlrt.io.parts`),
+joined by `close()` under a temporary name and renamed onto the target; a kill or `abort()`
+leaves the whole parts, so `--resume` continues after them. PNG frames are each written to a
+temporary name and renamed, so a folder only ever holds whole frames. Codec choices are in
+`vlrt.io.encoding`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -20,6 +23,8 @@ from vlrt.errors import VlrtError
 from vlrt.frames import Frame
 from vlrt.io.encoding import file_muxer, pipe_muxer
 from vlrt.io.images import write_png
+from vlrt.io.join import join_parts
+from vlrt.io.parts import PART_FORMAT, PartWriter, commit, parts_folder, tidy_parts
 from vlrt.io.pipes import PipeWriter
 from vlrt.io.threads import BackgroundWorker
 from vlrt.io.video_out import VideoEncoder
@@ -123,11 +128,15 @@ class _EncodedSink(Sink):
         self._encoder.discard()
 
 
-class VideoFileSink(_EncodedSink):
-    """A video file, written under a temporary name and moved into place by `close()`."""
+class VideoFileSink(Sink):
+    """A video file, encoded in parts beside it and joined into place by `close()`.
 
-    def __init__(self, path: Path, encoder_args: dict) -> None:
-        muxer = file_muxer(path)
+    `resume_at` continues the parts an interrupted render left (see `finished_frames`); 0
+    starts afresh. A kill at any moment leaves no file at `path`, only whole parts.
+    """
+
+    def __init__(self, path: Path, encoder_args: dict, audio_from: Path | None, resume_at: int = 0) -> None:
+        self._muxer = file_muxer(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -135,25 +144,44 @@ class VideoFileSink(_EncodedSink):
                 f"cannot create the folder of output '{path}' ({exc.strerror}): choose a writable place"
             ) from exc
         self.path = path
-        # Hidden, in the same folder (so the rename is atomic), keeping the real extension.
-        self.partial = path.with_name(f".{path.name}.partial-{os.getpid()}{path.suffix}")
-        options = {"movflags": "+faststart"} if muxer in ("mp4", "mov") else {}
-        encoder = VideoEncoder(
-            str(self.partial), f"'{path}'", muxer=muxer, pipe=False, container_options=options, **encoder_args
-        )
-        super().__init__(encoder)
+        self._fps = encoder_args["fps"]
+        self._audio_from = audio_from
+        self._folder = parts_folder(path)
+        self._joined = self._folder / f"{path.name}.tmp"
+        self._label = f"'{path}'"
+
+        def new_encoder(target: Path) -> VideoEncoder:
+            return VideoEncoder(
+                str(target), self._label, muxer=self._muxer, container=PART_FORMAT, pipe=False, **encoder_args
+            )
+
+        self._parts = PartWriter(self._folder, resume_at, new_encoder, self._label)
+        super().__init__()
+
+    def _write_now(self, frame: Frame) -> None:
+        self._parts.write(frame)
 
     def _finish(self) -> None:
-        if self._encoder.frames_written == 0:
-            raise VlrtError(f"no frames were rendered, so output '{self.path}' was not written: check the input")
-        super()._finish()
-        with open(self.partial, "rb") as written:
-            os.fsync(written.fileno())  # the data is on disk before the name says it is complete
-        os.replace(self.partial, self.path)
+        self._parts.finish()
+        parts = tidy_parts(self._folder)
+        if not parts:
+            raise VlrtError(f"no frames were rendered, so output {self._label} was not written: check the input")
+        if parts[-1].first + parts[-1].frames != self._parts.next_index:
+            raise VlrtError(
+                f"the parts of output {self._label} changed while it was rendered (another render of the same "
+                "output?): render again without --resume"
+            )
+        options = {"movflags": "+faststart"} if self._muxer in ("mp4", "mov") else {}
+        join_parts(
+            parts, self._joined, muxer=self._muxer, fps=self._fps, audio_from=self._audio_from,
+            options=options, label=self._label,
+        )
+        commit(self._joined, self.path)
+        shutil.rmtree(self._folder)
 
     def _discard(self) -> None:
-        super()._discard()
-        self.partial.unlink(missing_ok=True)
+        self._joined.unlink(missing_ok=True)
+        self._parts.discard()
 
 
 class PipeVideoSink(_EncodedSink):
@@ -203,12 +231,16 @@ def open_sink(
     lossless: bool = False,
     output_format: str | None = None,
     stdout: BinaryIO | None = None,
+    resume_at: int = 0,
 ) -> Sink:
     """Open OUTPUT: a video file (format by extension), a folder for PNGs, or "-" for stdout.
 
     `audio_from` (a file output only) carries that file's sound into the video, cut to its
     length. Standard output takes `output_format` nut (default), matroska, mpegts, y4m or
     rawvideo, lossless unless `codec` says otherwise. See `vlrt.io.encoding` for the codecs.
+    `resume_at` (a file output only) continues an interrupted render: it must be what
+    `finished_frames` counts, and the first frame written is then frame `resume_at`. A folder
+    resumes by itself (frames are files named by index).
     """
     if not fps or fps <= 0:
         raise VlrtError(f"output frame rate must be positive, got {fps}: set output_frame_rate")
@@ -220,4 +252,13 @@ def open_sink(
         return PipeVideoSink(stream, pipe_muxer(output_format), encoder_args)
     if _is_folder_spec(spec):
         return PngFolderSink(Path(spec))
-    return VideoFileSink(Path(spec), {**encoder_args, "audio_from": audio_from})
+    return VideoFileSink(Path(spec), encoder_args, audio_from, resume_at)
+
+
+def finished_frames(path: Path) -> int:
+    """How many frames, from the first on, an interrupted render into video file `path` holds.
+
+    They are the whole parts without a gap; what a resumed render cannot use is deleted.
+    `open_sink(..., resume_at=finished_frames(path))` continues from there.
+    """
+    return sum(part.frames for part in tidy_parts(parts_folder(path)))

@@ -39,7 +39,9 @@ class VideoEncoder:
 
     `target` is a path or a writable file object. With `pipe` the muxer flushes after every
     packet and `target.flush()` runs after every frame, so a reader downstream sees each
-    frame as soon as it is encoded.
+    frame as soon as it is encoded. The codec is chosen for `muxer`; `container` (default:
+    `muxer`) is the format actually written, so a part of a file output (`vlrt.io.parts`)
+    is encoded exactly as the final file will hold it.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class VideoEncoder:
         audio_from: Path | None = None,
         container_options: dict[str, str] | None = None,
         buffer_size: int = 32768,
+        container: str | None = None,
     ) -> None:
         self._target, self._label, self._fps, self._pipe = target, label, Fraction(fps), pipe
         self._choose = partial(choose_encoding, muxer, pipe=pipe, codec=codec, lossless=lossless, crf=crf)
@@ -63,6 +66,7 @@ class VideoEncoder:
         self._audio_from = audio_from
         self._options = {**(container_options or {}), **({"flush_packets": "1"} if pipe else {})}
         self._buffer_size = buffer_size
+        self._format = container
         self._container: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
         self._encoding: Encoding | None = None
@@ -75,7 +79,8 @@ class VideoEncoder:
         self._size = (frame.width, frame.height)
         try:
             self._container = av.open(
-                self._target, "w", format=enc.muxer, container_options=self._options, buffer_size=self._buffer_size
+                self._target, "w", format=self._format or enc.muxer,
+                container_options=self._options, buffer_size=self._buffer_size,
             )
         except (av.error.FFmpegError, OSError) as exc:
             raise VlrtError(
