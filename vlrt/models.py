@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from vlrt.errors import VlrtError
+from vlrt.prompt_embeddings import PromptEncoder
 
 COMPONENTS = {
     "unet": "config.json",
@@ -38,7 +39,11 @@ class Model:
     tokenizer: Any
     scheduler_config: dict[str, Any]
     device: torch.device
-    _prompt_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    clip_skip: int = 1
+    prompts: PromptEncoder = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device, self.clip_skip)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -60,21 +65,13 @@ class Model:
     def cross_attention_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
-    @torch.inference_mode()
     def encode_prompt(self, text: str) -> torch.Tensor:
-        """Text embeddings [1, S, D], computed once per distinct prompt (as diffusers' pipeline does)."""
-        cached = self._prompt_cache.get(text)
-        if cached is not None:
-            return cached
-        tokens = self.tokenizer(
-            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].float().cpu()
-        self._prompt_cache[text] = embeds
-        return embeds
+        """Text embeddings [1, 77·chunks, D] of a WebUI-syntax prompt, computed once per distinct text."""
+        return self.prompts(text)
+
+    def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) of one job, of equal length so that both CFG rows share a UNet call."""
+        return self.prompts.pair(prompt, negative)
 
 
 def resolve_model_path(spec: str) -> tuple[Path, bool]:

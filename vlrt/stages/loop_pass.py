@@ -108,8 +108,7 @@ class LoopPass(Stage):
         return blend.temporal_simple(frames, [weights[h + d] for d in offsets], offsets.index(0), self.rounding)
 
     def _jobs(self, init: np.ndarray, params: FrameParams) -> list[Img2ImgJob]:
-        cond = self.model.encode_prompt(params.prompt)
-        uncond = self.model.encode_prompt(params.negative_prompt)
+        cond, uncond = self.model.encode_pair(params.prompt, params.negative_prompt)
         return [
             Img2ImgJob(
                 init,

@@ -1,0 +1,108 @@
+"""Text embeddings of WebUI-syntax prompts: chunked, weighted, CLIP skip, cached per prompt.
+
+What the WebUI does, from its documented behaviour:
+- Every 75-token chunk (`prompt_syntax.chunk_prompt`) becomes start token + tokens + end token,
+  padded to 77 with the tokenizer's pad token (SD 1.x pads with the end token, SD 2.x with `!`),
+  and goes through the text encoder on its own; the chunks' embeddings are concatenated, so a
+  prompt of k chunks gives [1, 77·k, D].
+- CLIP skip N (1 = the last layer): for N > 1 the hidden state N layers from the end (2 = the
+  penultimate layer's output) followed by the encoder's final layer norm. diffusers' own
+  `clip_skip` argument counts one less.
+- Weights multiply each token's embedding; the chunk is then rescaled so that the mean of all
+  its values is what it was before weighting (z *= w; z *= mean_before / mean_after).
+- A prompt and negative prompt of different chunk counts are padded to the same length with
+  the empty prompt's chunk (the WebUI's "pad prompt/negative prompt to be same length"), so both
+  CFG rows of a job share one UNet call. The WebUI's default since 1.6 evaluates them separately
+  at their own lengths instead; with padding the shorter one attends to a few more empty tokens.
+
+A prompt of plain text (no syntax, at most 75 tokens) gives exactly what diffusers' pipeline
+computes, which the exactness tests against diffusers rely on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlrt.errors import VlrtError
+from vlrt.prompt_syntax import Chunk, chunk_prompt, parse_prompt
+
+CHUNK_LENGTH = 77  # 75 tokens + start + end: CLIP's context
+
+
+class PromptEncoder:
+    """Embeds prompts with one model's tokenizer and text encoder; one result per distinct text."""
+
+    def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device, clip_skip: int = 1) -> None:
+        layers = int(text_encoder.config.num_hidden_layers)
+        if not 1 <= clip_skip <= layers:
+            raise VlrtError(f"clip_skip {clip_skip} is out of range: this text encoder has {layers} layers (use 1 to {layers})")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.device = device
+        self.clip_skip = clip_skip
+        self._cache: dict[str, torch.Tensor] = {}
+        commas = tokenizer(",", add_special_tokens=False).input_ids
+        self.comma = commas[0] if len(commas) == 1 else None
+        self.use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+
+    def __call__(self, text: str) -> torch.Tensor:
+        """Embeddings [1, 77·chunks, D] of one prompt, computed once per distinct text."""
+        cached = self._cache.get(text)
+        if cached is None:
+            cached = self._cache[text] = self._encode(text)
+        return cached
+
+    def pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cond, uncond) of one job, the shorter padded with empty-prompt chunks to the other's length."""
+        cond, uncond = self(prompt), self(negative)
+        if cond.shape[1] == uncond.shape[1]:
+            return cond, uncond
+        empty = self("")
+        longest = max(cond.shape[1], uncond.shape[1])
+
+        def padded(z: torch.Tensor) -> torch.Tensor:
+            missing = (longest - z.shape[1]) // CHUNK_LENGTH
+            return torch.cat([z, empty.repeat(1, missing, 1)], dim=1) if missing else z
+
+        return padded(cond), padded(uncond)
+
+    def chunks(self, text: str) -> list[Chunk]:
+        """The prompt's token chunks (before start/end tokens and padding)."""
+        return chunk_prompt(parse_prompt(text), self._tokenize, self.comma)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
+
+    @torch.inference_mode()
+    def _encode(self, text: str) -> torch.Tensor:
+        chunks = self.chunks(text)
+        bos, eos, pad = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ids, weights, masks = [], [], []
+        for chunk in chunks:
+            fill = CHUNK_LENGTH - 2 - len(chunk.tokens)
+            ids.append([bos, *chunk.tokens, eos] + [pad] * fill)
+            weights.append([1.0, *chunk.weights, 1.0] + [1.0] * fill)
+            masks.append([1] * (CHUNK_LENGTH - fill) + [0] * fill)
+        mask = torch.tensor(masks, device=self.device) if self.use_mask else None
+        z = self._hidden(torch.tensor(ids, device=self.device), mask).float()
+        w = torch.tensor(weights, dtype=torch.float32, device=z.device)
+        if not bool((w == 1.0).all()):
+            z = torch.stack([_weighted(zc, wc) for zc, wc in zip(z, w)])
+        return z.reshape(1, -1, z.shape[-1]).cpu()
+
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The text encoder's output for each chunk, `clip_skip` layers from the end."""
+        if self.clip_skip == 1:
+            return self.text_encoder(input_ids, attention_mask=mask)[0]
+        out = self.text_encoder(input_ids, attention_mask=mask, output_hidden_states=True)
+        final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
+        return final_norm(out.hidden_states[-self.clip_skip])
+
+
+def _weighted(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One chunk's embeddings [77, D] scaled per token, then restored to the chunk's original mean."""
+    before = z.mean()
+    z = z * weights[:, None]
+    return z * (before / z.mean())
