@@ -25,6 +25,7 @@ Concurrent processes building the same entry take turns through an advisory lock
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import logging
 import os
@@ -63,6 +64,23 @@ class EngineCache:
         """The folder for `key` if it is complete and matches, else None."""
         folder = self.folder(component, key)
         return folder if self._why_not(folder, component, key) is None else None
+
+    def find_same_structure(self, component: str, key: EngineKey) -> Path | None:
+        """A complete entry for `key` in all but the weight values (same `structure_hash`), or None.
+
+        Its ONNX graph is the one `key`'s export would have, so it can be re-weighted instead
+        (another LoRA scale) rather than traced again.
+        """
+        if not key.structure_hash or not self.root.is_dir():
+            return None
+        for folder in sorted(self.root.iterdir()):
+            manifest = None if folder.name.startswith(".") else read_manifest(folder)
+            if manifest is None or manifest.get("structure_hash") != key.structure_hash:
+                continue
+            like = dataclasses.replace(key, model_hash=str(manifest.get("model_hash")), trt=None)
+            if manifest.get("model_hash") != key.model_hash and onnx_mismatch(manifest, component, like, folder) is None:
+                return folder
+        return None
 
     def find_or_build(
         self, component: str, key: EngineKey, build_fn: BuildOnnx, build_plan: BuildPlan | None = None

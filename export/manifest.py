@@ -2,10 +2,13 @@
 
 Engines silently break across TensorRT versions and GPUs, and an engine built for another
 resolution fails with wrong shapes (ANCHORS.md), so the key holds everything an engine depends
-on: the weights (`model_hash`), the component, the static resolution, the batch profile
-1..max_batch, the precision, the ONNX opset, exporter and library versions, and for TensorRT
-plans the TensorRT version and the GPU (name and compute capability). An entry that differs in
-any of these is never loaded; `EngineCache` rebuilds it.
+on: the weights (`model_hash`), the component, the static resolution, the UNet's static prompt
+length (77 tokens per chunk), the batch profile 1..max_batch, the precision, the ONNX opset,
+exporter and library versions, and for TensorRT plans the TensorRT version and the GPU (name and
+compute capability). An entry that differs in any of these is never loaded; `EngineCache`
+rebuilds it. The manifest also records `structure_hash` (the weights' names, shapes and dtypes
+and the configs, not their values): entries that differ only in weight values (another LoRA
+scale) share one graph, so one can be re-weighted from the other (`reweight.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from torch import nn
 
 from vlrt.engines.ort_engine import usable_cpus
 
-FORMAT = 1  # bump when the export code changes what it writes, so old entries are rebuilt
+FORMAT = 2  # bump when the export code changes what it writes, so old entries are rebuilt
 EXPORTER = "torch.onnx.export(dynamo=False)"
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
@@ -72,12 +75,15 @@ class EngineKey:
     width: int
     max_batch: int
     precision: str  # "fp32" or "fp16"
+    tokens: int | None = None  # the UNet's static prompt length (77 per chunk); None for the VAE
+    structure_hash: str = ""  # recorded, so that an entry of the same graph can be re-weighted
     opset: int = 17
     versions: dict[str, str] = field(default_factory=library_versions, hash=False)
     trt: TrtTarget | None = None  # set when a TensorRT plan is wanted too
 
     def folder_name(self, component: str) -> str:
-        return f"{self.model_hash[:12]}-{component}-{self.height}x{self.width}-b{self.max_batch}-{self.precision}"
+        tokens = f"-t{self.tokens}" if self.tokens is not None else ""
+        return f"{self.model_hash[:12]}-{component}-{self.height}x{self.width}{tokens}-b{self.max_batch}-{self.precision}"
 
     def onnx_record(self, component: str) -> dict[str, Any]:
         """The manifest fields an ONNX file must have to be loaded for this key."""
@@ -86,6 +92,8 @@ class EngineKey:
             "component": component,
             "model_hash": self.model_hash,
             "resolution": {"height": self.height, "width": self.width},
+            "tokens": self.tokens,
+            "structure_hash": self.structure_hash,
             "batch": {"min": 1, "max": self.max_batch},
             "precision": self.precision,
             "opset": self.opset,
@@ -116,12 +124,29 @@ def model_hash(module: nn.Module) -> str:
     with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         for d in pool.map(digest, names):
             total.update(d)
+    _hash_configs(module, total)
+    return total.hexdigest()
+
+
+def structure_hash(module: nn.Module) -> str:
+    """sha256 of the weights' names, dtypes and shapes and of the configs, not of the values.
+
+    Two modules with the same structure hash trace to the same ONNX graph up to initializer
+    values (a model with a LoRA fused at two scales), so one export can be re-weighted into the other.
+    """
+    total = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        total.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+    _hash_configs(module, total)
+    return total.hexdigest()
+
+
+def _hash_configs(module: nn.Module, total: Any) -> None:
     for sub in module.modules():
         config = getattr(sub, "config", None)
         if isinstance(config, dict):
             public = {k: v for k, v in config.items() if not k.startswith("_")}
             total.update(json.dumps(public, sort_keys=True, default=str).encode())
-    return total.hexdigest()
 
 
 def io_specs(onnx_path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -9,6 +9,12 @@ Why the choices:
   stays a float32 input; the UNet computes its sinusoidal embedding in float32 and casts the
   result to float16 itself. float16 cannot hold fractional timesteps near 1000 (its spacing
   there is 0.5). TensorRT 10/11 builds such a graph strongly typed, without precision flags.
+- No constant folding at export: it would fold the transposes of the Linear weights into new
+  initializers with generated names, and a weight could no longer be found by its parameter
+  name. Unfolded, every initializer is a parameter of the module, by name (parameters of equal
+  value share one), which is what re-weighting an export for new LoRA weights needs
+  (`reweight.py`). ONNX Runtime and TensorRT fold these constants themselves when they load the
+  graph, so inference costs the same.
 - Models whose protobuf would pass 2 GB (the SD 1.5 UNet in fp32: 3.4 GB) are written with
   ONNX external data in one file beside the model, `<name>.data` (`model.onnx.data`).
 """
@@ -92,7 +98,7 @@ def export_onnx(
                     output_names=list(outputs),
                     dynamic_axes={name: {0: BATCH_AXIS} for name in (*inputs, *outputs)},
                     opset_version=opset,
-                    do_constant_folding=True,
+                    do_constant_folding=False,
                     dynamo=False,
                 )
             _place(Path(scratch), raw, path, shapes[0][1:])
@@ -137,13 +143,18 @@ def _place(scratch: Path, raw: Path, path: Path, output_rest: tuple[int, ...]) -
     Where the exporter spilled weights into one file per tensor (models over 2 GB), they are
     gathered into one external data file, `<path>.data`.
     """
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
     external = any(p != raw for p in scratch.iterdir())
     model = onnx.load(str(raw))  # loads per-tensor files from the scratch folder too
     (output,) = model.graph.output
     for dim, size in zip(output.type.tensor_type.shape.dim[1:], output_rest, strict=True):
         dim.dim_value = size  # replaces a symbolic size
+    save_onnx(model, path, external)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write `model` to `path`; with `external`, its weights go to one file beside it, `<path>.data`."""
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
     if not external:
         onnx.save_model(model, str(path))
         return

@@ -180,3 +180,30 @@ def test_clip_skip_2_is_the_penultimate_layer_then_the_final_norm(demo_model):
 def test_clip_skip_out_of_range_is_a_clear_error(demo_model):
     with pytest.raises(VlrtError, match="clip_skip 3 is out of range: this text encoder has 2 layers"):
         PromptEncoder(demo_model.tokenizer, demo_model.text_encoder, CPU, clip_skip=3)
+
+
+# --- long prompts on static-length engines -------------------------------------------------
+
+
+def test_long_prompts_get_their_own_onnx_unet_and_match_torch(demo_model, clip_folder, tmp_path):
+    """A 150-token prompt on some frames: ONNX Runtime builds a 154-token UNet for them, torch needs none."""
+    from conftest import read_frames
+
+    from vlrt.pipeline import render
+    from vlrt.settings import build_settings
+
+    long = " ".join(["x"] * 150)  # 150 tokens with the demo tokenizer: two chunks
+    assert len(demo_model.encode_prompt(long)[0]) == 154
+    frames = {}
+    for backend in ("torch", "ort"):
+        settings = build_settings(overrides=dict(
+            model="demo", loop_n=1, steps=4, denoising_strength=0.5, cfg_scale=5.0, seed=3, max_frames=3,
+            prompt_schedule=f"'{long}' if image_i == 2 else 'soft colours'", negative_prompt="blurry",
+            backend=backend, engines=str(tmp_path / "engines"),
+        ))
+        render(settings, str(clip_folder), str(tmp_path / backend) + "/", quiet=True, model=demo_model)
+        frames[backend] = read_frames(tmp_path / backend)
+    diff = max(int(abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(frames["torch"], frames["ort"]))
+    assert len(frames["ort"]) == 3 and diff <= 3
+    unets = sorted(p.name.split("-")[3] for p in (tmp_path / "engines").iterdir() if "-unet-" in p.name and p.is_dir())
+    assert unets == ["t154", "t77"]

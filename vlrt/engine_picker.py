@@ -1,9 +1,12 @@
 """Picks the backend and finds, builds or loads the engines a run needs.
 
 `torch` runs diffusers' modules directly. `ort` and `trt` run files from the engine cache
-(`--engines`, default `engines/`): an entry whose key (model hash, component, resolution, batch
-profile, precision, library versions, and TensorRT version and GPU for plans) does not match is
-rebuilt, never loaded. `auto` takes TensorRT where it and a CUDA GPU are present, else ONNX Runtime.
+(`--engines`, default `engines/`): an entry whose key (model hash, component, resolution, prompt
+length, batch profile, precision, library versions, and TensorRT version and GPU for plans) does
+not match is rebuilt, never loaded. An entry that differs only in weight values (a LoRA at
+another scale) is re-weighted from one of the same graph instead of exported again, and on
+TensorRT its refittable plan is refitted instead of rebuilt. `auto` takes TensorRT where it and a
+CUDA GPU are present, else ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,9 +30,14 @@ from vlrt.engines.base import (
     EngineSet,
 )
 from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
+from vlrt.engines.token_lengths import TokenLengthEngine
 from vlrt.engines.torch_engine import TorchEngine
 from vlrt.errors import VlrtError
 from vlrt.models import Model
+from vlrt.prompt_embeddings import CHUNK_LENGTH
+
+if TYPE_CHECKING:
+    from vlrt.export.cache import EngineCache
 
 
 def default_engines_dir() -> Path:
@@ -54,7 +63,7 @@ def sd_networks(model: Model, height: int, width: int) -> list[Network]:
     """The UNet and the VAE's two halves at this resolution."""
     h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
     c = model.latent_channels
-    tokens = int(model.tokenizer.model_max_length)
+    tokens = CHUNK_LENGTH
     return [
         Network(
             UNET,
@@ -107,36 +116,91 @@ def build_engines(
     engines_dir: Path,
     log: Callable[[str], None],
 ) -> dict[str, Engine]:
-    """One engine per network on the resolved backend, exporting or building into the cache as needed."""
+    """One engine per network on the resolved backend, exporting or building into the cache as needed.
+
+    On `ort` and `trt` the UNet is a `TokenLengthEngine`: the engine of the example's prompt
+    length now, those of longer prompts when they first come.
+    """
     if backend == "torch":
         dtype = torch.float16 if precision == "fp16" else torch.float32
         return {n.component: TorchEngine(n.component, n.module, max_batch, device, dtype) for n in networks}
     from vlrt.export.cache import EngineCache
-    from vlrt.export.manifest import EngineKey, TrtTarget, model_hash
-    from vlrt.export.onnx_export import export_onnx
+    from vlrt.export.manifest import model_hash, structure_hash
 
     cache = EngineCache(engines_dir)
     engines: dict[str, Engine] = {}
     for net in networks:
-        (height, width) = _pixel_size(net)
-        key = EngineKey(
-            model_hash=model_hash(net.module),
-            height=height,
-            width=width,
-            max_batch=max_batch,
-            precision=precision,
-            trt=TrtTarget.current(device) if backend == "trt" else None,
-        )
-        if cache.find(net.component, key) is None:
-            log(f"vlrt: building the {net.component} engine ({backend}, {precision}, {height}×{width}, batch ≤ {max_batch}) "
-                f"into {cache.folder(net.component, key)}")
+        hashes = (model_hash(net.module), structure_hash(net.module))
 
-        def export(folder: Path, net: Network = net) -> None:
-            export_onnx(net.component, net.module, net.example, folder / "model.onnx", precision=precision)
+        def engine(tokens: int | None, net: Network = net, hashes: tuple[str, str] = hashes) -> Engine:
+            sized = net if tokens is None else with_tokens(net, tokens)
+            return _cached_engine(cache, sized, hashes, backend, device, max_batch, precision, log)
 
-        folder = cache.find_or_build(net.component, key, export, _plan_builder(net.component, max_batch) if backend == "trt" else None)
-        engines[net.component] = _load(backend, net.component, folder, max_batch, device)
+        if net.component == UNET:
+            tokens = int(net.example["encoder_hidden_states"].shape[1])
+            engines[UNET] = TokenLengthEngine({tokens: engine(tokens)}, engine)
+        else:
+            engines[net.component] = engine(None)
     return engines
+
+
+def with_tokens(net: Network, tokens: int) -> Network:
+    """The UNet network with an example prompt of `tokens` tokens."""
+    states = net.example["encoder_hidden_states"]
+    example = {**net.example, "encoder_hidden_states": torch.randn(states.shape[0], tokens, states.shape[2])}
+    return Network(net.component, net.module, example)
+
+
+def _cached_engine(
+    cache: EngineCache,
+    net: Network,
+    hashes: tuple[str, str],
+    backend: str,
+    device: torch.device,
+    max_batch: int,
+    precision: str,
+    log: Callable[[str], None],
+) -> Engine:
+    """The engine of one network from the cache: found, re-weighted from an entry of the same graph, or built."""
+    from vlrt.export.manifest import PLAN_FILE, EngineKey, TrtTarget, plan_mismatch, read_manifest
+
+    (height, width) = _pixel_size(net)
+    key = EngineKey(
+        model_hash=hashes[0],
+        structure_hash=hashes[1],
+        height=height,
+        width=width,
+        tokens=int(net.example["encoder_hidden_states"].shape[1]) if net.component == UNET else None,
+        max_batch=max_batch,
+        precision=precision,
+        trt=TrtTarget.current(device) if backend == "trt" else None,
+    )
+    base = None
+    if cache.find(net.component, key) is None:
+        base = cache.find_same_structure(net.component, key)
+        how = f"re-weighting {base.name} into" if base is not None else "building"
+        log(f"vlrt: {how} the {net.component} engine ({backend}, {precision}, {height}×{width}, batch ≤ {max_batch}) "
+            f"{cache.folder(net.component, key)}")
+    build_plan = None
+    if backend == "trt":
+        build_plan = _plan_builder(net.component, max_batch)
+        if base is not None and plan_mismatch(read_manifest(base) or {}, key, base) is None:
+            build_plan = _refitter(base / PLAN_FILE)
+    folder = cache.find_or_build(net.component, key, _onnx_builder(net, precision, base), build_plan)
+    return _load(backend, net.component, folder, max_batch, device)
+
+
+def _onnx_builder(net: Network, precision: str, base: Path | None) -> Callable[[Path], None]:
+    """Writes model.onnx into a folder: re-weighted from `base` where its graph allows, else exported."""
+    from vlrt.export.manifest import ONNX_FILE
+    from vlrt.export.onnx_export import export_onnx
+    from vlrt.export.reweight import reweight_onnx
+
+    def build(folder: Path) -> None:
+        if base is None or not reweight_onnx(base / ONNX_FILE, net.module, folder / ONNX_FILE, precision):
+            export_onnx(net.component, net.module, net.example, folder / ONNX_FILE, precision=precision)
+
+    return build
 
 
 def _pixel_size(net: Network) -> tuple[int, int]:
@@ -149,6 +213,13 @@ def _plan_builder(component: str, max_batch: int) -> Callable[[Path, Path], None
     from vlrt.export.trt_build import build_plan
 
     return lambda onnx_path, plan_path: build_plan(component, onnx_path, plan_path, max_batch=max_batch)
+
+
+def _refitter(base_plan: Path) -> Callable[[Path, Path], None]:
+    """A plan for a re-weighted ONNX: the refittable plan of the same graph, refitted (seconds, not minutes)."""
+    from vlrt.engines.trt_engine import refit_unet
+
+    return lambda onnx_path, plan_path: refit_unet(base_plan, onnx_path, plan_path)
 
 
 def _load(backend: str, component: str, folder: Path, max_batch: int, device: torch.device) -> Engine:
