@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU build of torch (a local wheel on this project's machines). On an NVIDIA machine use
 # `make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"` instead.
 TORCH ?= torch==2.13.0
+# CLIP's tokenizer vocabulary for single-file checkpoints (vlrt/clip_vocab.py): only its data file
+# is read, so its dependencies (torchvision, timm) are not installed.
+CLIP_VOCAB ?= open_clip_torch==3.3.0
 DEMO_DIR := demo_out
 
 .PHONY: setup demo test bench clean
@@ -16,6 +19,7 @@ $(BIN)/vlrt: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "$(CLIP_VOCAB)"
 	touch $(BIN)/vlrt
 
 demo: setup

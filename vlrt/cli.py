@@ -18,7 +18,7 @@ from typing import Any
 
 from vlrt import __version__
 from vlrt.errors import OutputClosed, VlrtError
-from vlrt.settings import Settings, build_settings, load_config
+from vlrt.settings import Settings, build_settings, field_default, load_config
 
 
 def _type_of(annotation: str) -> Any:
@@ -44,9 +44,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, names: tuple[str, ..
         flags = ["--" + f.name.replace("_", "-")]
         if f.metadata["alias"]:
             flags.append("--" + f.metadata["alias"].replace("_", "-"))
-        help_text = f"{f.metadata['help']} (default: {f.default!r})"
+        help_text = f"{f.metadata['help']} (default: {field_default(f.name)!r})"
         if f.type.startswith("bool"):
             group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif f.type.startswith("list"):
+            group.add_argument(*flags, dest=f.name, action="append", default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               help=help_text + "; given on the command line, replaces the config's list")
         else:
             group.add_argument(
                 *flags,
@@ -88,8 +91,7 @@ def _preview(args: argparse.Namespace) -> int:
     import itertools
     from dataclasses import replace
 
-    from vlrt.models import load_model
-    from vlrt.pipeline import pick_device, render_span
+    from vlrt.pipeline import open_model, pick_device, render_span
     from vlrt.preview import parse_sweep, sweep_grid
     from vlrt.settings import build_settings as check
 
@@ -102,7 +104,7 @@ def _preview(args: argparse.Namespace) -> int:
     for name, values in sweeps:
         for value in values:
             check(overrides={name: value})  # an unknown name or a wrongly typed value fails before any work
-    model = load_model(settings.model, pick_device(settings.device))
+    model = open_model(settings, pick_device(settings.device))
     combos = []
     for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
         changes = dict(zip([n for n, _ in sweeps], values))
@@ -163,8 +165,7 @@ def _export(args: argparse.Namespace) -> int:
         resolve_backend,
         sd_networks,
     )
-    from vlrt.models import load_model
-    from vlrt.pipeline import fastdvdnet_network, pick_device
+    from vlrt.pipeline import fastdvdnet_network, open_model, pick_device
 
     settings = settings_from_args(args)
     device = pick_device(settings.device)
@@ -177,7 +178,7 @@ def _export(args: argparse.Namespace) -> int:
         raise VlrtError("vlrt export needs --width and --height (engines are built for one resolution)")
     networks = []
     if any(c != "fastdvdnet" for c in wanted):
-        model = load_model(settings.model, device)
+        model = open_model(settings, device)
         networks += [n for n in sd_networks(model, settings.height, settings.width) if n.component in wanted]
     if "fastdvdnet" in wanted:
         net = fastdvdnet_network(settings.fastdvdnet_weights, settings.model == "demo", _log(args))
@@ -233,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--components", default="unet,vae_encoder,vae_decoder",
                         help=f"comma-separated, from {', '.join(EXPORT_COMPONENTS)} (default: SD's three)")
     export.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
-    add_settings_arguments(export, ("model", "width", "height", "max_batch", "precision", "engines", "backend", "device",
+    add_settings_arguments(export, ("model", "model_config", "prediction_type", "vae", "lora", "width", "height", "max_batch",
+                                    "precision", "engines", "backend", "device",
                                     "fastdvdnet_weights"))
     export.set_defaults(run=_export, config=None)
 

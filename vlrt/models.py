@@ -1,4 +1,6 @@
-"""Loading a Stable Diffusion model from disk, never from the network.
+"""Loading a Stable Diffusion model from disk, never from the network: a diffusers folder or a
+single-file checkpoint (`checkpoints.py`), with a VAE override (`vae_override.py`), LoRAs fused
+(`lora.py`) and CLIP skip.
 
 Everything the runtime needs to know about the model (VAE scale factor, latent channels,
 scaling factor, cross-attention size, scheduler config) is read from its configs, never assumed.
@@ -14,8 +16,11 @@ from typing import Any
 
 import torch
 
+from vlrt.checkpoints import check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
 from vlrt.errors import VlrtError
+from vlrt.lora import LoraSpec, apply_loras
 from vlrt.prompt_embeddings import PromptEncoder
+from vlrt.vae_override import load_vae
 
 COMPONENTS = {
     "unet": "config.json",
@@ -40,6 +45,8 @@ class Model:
     scheduler_config: dict[str, Any]
     device: torch.device
     clip_skip: int = 1
+    loras: list[dict[str, Any]] = field(default_factory=list)  # what was fused: path, scale, sha256
+    config_root: Path | None = None  # the folder holding the model's diffusers configs
     prompts: PromptEncoder = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -74,21 +81,33 @@ class Model:
         return self.prompts.pair(prompt, negative)
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """What changes a model as it is loaded: a VAE in place of its own, LoRAs, CLIP skip, and for
+    single-file checkpoints the config folder and the prediction type."""
+
+    vae: str = ""
+    loras: tuple[str, ...] = ()
+    clip_skip: int = 1
+    model_config: str = ""
+    prediction_type: str = "auto"
+
+
 def resolve_model_path(spec: str) -> tuple[Path, bool]:
-    """The folder a --model value names, and whether it is the built-in demo."""
+    """The folder or checkpoint file a --model value names, and whether it is the built-in demo."""
     if not spec:
-        raise VlrtError("no model given: pass --model PATH (a diffusers Stable Diffusion folder) or --model demo")
+        raise VlrtError("no model given: pass --model PATH (a diffusers Stable Diffusion folder or .safetensors/.ckpt file) or --model demo")
     if spec == "demo":
         from vlrt.demo import DEMO_MODEL_DIR
 
         return DEMO_MODEL_DIR, True
     path = Path(spec).expanduser()
     if not path.exists():
-        raise VlrtError(f"model {spec} does not exist: pass a diffusers Stable Diffusion folder or --model demo")
-    if not path.is_dir():
+        raise VlrtError(f"model {spec} does not exist: pass a diffusers Stable Diffusion folder, a .safetensors/.ckpt file or --model demo")
+    if not path.is_dir() and not is_checkpoint_file(path):
         raise VlrtError(
-            f"model {spec} is a file; vlrt reads diffusers-format folders (model_index.json, unet/, vae/, "
-            "text_encoder/, tokenizer/, scheduler/): convert it with diffusers' conversion script"
+            f"model {spec} is a file but not a .safetensors or .ckpt checkpoint; vlrt reads those and diffusers-format "
+            "folders (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
     return path, False
 
@@ -103,13 +122,14 @@ def check_model_folder(path: Path) -> None:
             raise VlrtError(f"model folder {path} is missing {sub}/{config}: re-download or re-convert the model")
 
 
-def load_model(spec: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Model:
-    """Load the UNet, VAE, text encoder, tokenizer and scheduler config of a model folder, offline."""
+def load_model(
+    spec: str, device: torch.device, dtype: torch.dtype = torch.float32, options: ModelOptions = ModelOptions()
+) -> Model:
+    """Load the UNet, VAE, text encoder, tokenizer and scheduler config of a model folder or
+    single-file checkpoint, offline, with `options` applied (VAE, LoRAs fused, CLIP skip)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import diffusers
     import transformers
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
 
     # vlrt shows its own progress; the libraries' loading bars and notices would only clutter it.
     for lib in (diffusers, transformers):
@@ -117,29 +137,62 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype = torch.float
         lib.utils.logging.disable_progress_bar()
 
     path, is_demo = resolve_model_path(spec)
+    if path.is_dir():
+        modules, scheduler_config, config_root = _load_folder(path, dtype, options)
+    else:
+        modules, scheduler_config, config_root = _load_file(path, dtype, options)
+    if modules["unet"].config.time_cond_proj_dim is not None:
+        raise VlrtError(f"model {path} is a guidance-distilled (LCM) UNet, which vlrt does not run yet: use an SD 1.x/2.x model")
+    if options.prediction_type != "auto":
+        scheduler_config = {**scheduler_config, "prediction_type": options.prediction_type}
+    loras = apply_loras(modules, scheduler_config, [LoraSpec.parse(s) for s in options.loras])
+    for name in ("unet", "vae", "text_encoder"):
+        modules[name].to(device).eval().requires_grad_(False)
+    return Model(
+        name="demo" if is_demo else path.stem,
+        path=path,
+        is_demo=is_demo,
+        **modules,
+        scheduler_config=scheduler_config,
+        device=device,
+        clip_skip=options.clip_skip,
+        loras=loras,
+        config_root=config_root,
+    )
+
+
+def _load_folder(path: Path, dtype: torch.dtype, options: ModelOptions) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """A diffusers folder's modules, its scheduler config, and the folder its configs are in."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
     check_model_folder(path)
     kwargs = {"local_files_only": True, "torch_dtype": dtype}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
+        vae = None if options.vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlrtError(f"model folder {path} could not be loaded: {first}") from None
-    if unet.config.time_cond_proj_dim is not None:
-        raise VlrtError(f"model {path} is a guidance-distilled (LCM) UNet, which vlrt does not run yet: use an SD 1.x/2.x model")
+    if vae is None:
+        vae = load_vae(options.vae, model_vae_config=path, latent_channels=unet.config.in_channels, dtype=dtype)
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)
-    return Model(
-        name="demo" if is_demo else path.name,
-        path=path,
-        is_demo=is_demo,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler_config=scheduler_config,
-        device=device,
-    )
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}, scheduler_config, path
+
+
+def _load_file(path: Path, dtype: torch.dtype, options: ModelOptions) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """A single-file checkpoint's modules, converted with shipped (or the given) configs."""
+    config = Path(options.model_config).expanduser() if options.model_config else None
+    arch = detect_architecture(read_shapes(path), path)
+    if config is None:
+        check_shipped(arch, path)
+        config = arch.config_folder(options.prediction_type)
+    vae = None
+    if options.vae:
+        unet_config = json.loads((config / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = load_vae(options.vae, model_vae_config=config, latent_channels=unet_config["in_channels"], dtype=dtype)
+    pipe, scheduler_config = load_checkpoint(path, arch=arch, config=config, dtype=dtype, vae=vae)
+    modules = {name: getattr(pipe, name) for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    return modules, scheduler_config, config

@@ -29,7 +29,7 @@ from vlrt.executor import Executor
 from vlrt.frames import Frame
 from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, open_source
-from vlrt.models import Model, load_model
+from vlrt.models import Model, ModelOptions, load_model
 from vlrt.params import ParamResolver
 from vlrt.preview import PreviewCollector
 from vlrt.progress import Progress
@@ -38,6 +38,7 @@ from vlrt.run_state import (
     finished_folder_frames,
     finished_video_frames,
     is_folder_output,
+    check_same_loras,
     resumable_settings,
     saved_settings,
     write_settings,
@@ -64,6 +65,15 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise VlrtError("device cuda was asked for but torch sees no CUDA GPU: use --device cpu or install a CUDA build of torch")
     return torch.device(name)
+
+
+def open_model(settings: Settings, device: torch.device) -> Model:
+    """The run's model with its settings' VAE, LoRAs, CLIP skip and single-file options."""
+    options = ModelOptions(
+        vae=settings.vae, loras=tuple(settings.lora), clip_skip=settings.clip_skip,
+        model_config=settings.model_config, prediction_type=settings.prediction_type,
+    )
+    return load_model(settings.model, device, options=options)
 
 
 def frame_size(settings: Settings, source_w: int, source_h: int, multiple: int) -> tuple[int, int]:
@@ -215,7 +225,9 @@ def render(
     progress = Progress(None, settings.loop_n, quiet)
     device = pick_device(settings.device)
     if model is None:
-        model = load_model(settings.model, device)
+        model = open_model(settings, device)
+    if resume:
+        check_same_loras(output_spec, model.loras)
     if model.is_demo:
         progress.log("vlrt: using the built-in DEMO model (tiny, trained for a few minutes): not a real Stable Diffusion model")
     denoiser = None
@@ -234,9 +246,9 @@ def render(
             progress.log("vlrt: save_every_loop ignored: the output is a pipe")
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
-        write_settings(settings, input_spec, output_spec, None)
+        write_settings(settings, input_spec, output_spec, None, model.loras)
         written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, start)
-    write_settings(settings, input_spec, output_spec, written)
+    write_settings(settings, input_spec, output_spec, written, model.loras)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 

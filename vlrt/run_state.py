@@ -30,8 +30,11 @@ def settings_path(output: str) -> Path | None:
     return path.with_name(path.name + ".settings.toml")
 
 
-def write_settings(settings: Settings, input_spec: str, output_spec: str, frames: int | None) -> None:
-    """Record the run (atomically); `frames` None means the render is still under way."""
+def write_settings(
+    settings: Settings, input_spec: str, output_spec: str, frames: int | None, loras: list[dict[str, Any]] | None = None
+) -> None:
+    """Record the run (atomically); `frames` None means the render is still under way. `loras`
+    (path, scale, sha256 of each file) says which LoRA files exactly the frames were made with."""
     path = settings_path(output_spec)
     if path is None:
         return
@@ -39,6 +42,8 @@ def write_settings(settings: Settings, input_spec: str, output_spec: str, frames
     extra: dict[str, Any] = {"version": __version__, "input": input_spec, "output": output_spec, "complete": frames is not None}
     if frames is not None:
         extra["frames"] = frames
+    if loras:
+        extra["lora"] = loras
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
     tmp.replace(path)
@@ -53,6 +58,21 @@ def saved_settings(output: str) -> tuple[Settings, bool] | None:
 
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     return build_settings(load_config(path)), bool(data.get("vlrt", {}).get("complete", False))
+
+
+def check_same_loras(output: str, loras: list[dict[str, Any]]) -> None:
+    """--resume: the LoRA files must be the very files the interrupted render used (same contents)."""
+    path = settings_path(output)
+    if path is None or not path.is_file():
+        return
+    import tomllib
+
+    saved = tomllib.loads(path.read_text(encoding="utf-8")).get("vlrt", {}).get("lora", [])
+    if [entry.get("sha256") for entry in saved] != [entry["sha256"] for entry in loras]:
+        raise VlrtError(
+            "--resume: the LoRA files are not those the interrupted render used (their contents differ): "
+            "resume with the same files, or render again without --resume"
+        )
 
 
 def resumable_settings(settings: Settings, saved: Settings) -> Settings:

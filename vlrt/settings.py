@@ -26,6 +26,7 @@ RUN = "run"
 TEMPORAL_METHODS = ("simple", "with difference mask from reference")
 POST_PROCESS_METHODS = ("none", "fastdvdnet")
 BLEND_ROUNDINGS = ("round", "floor")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 
 
 def _f(default: Any, help: str, group: str = FRAMES, choices: tuple | None = None, alias: str | None = None) -> Any:
@@ -96,7 +97,14 @@ class Settings:
         "8-bit rounding of blends: 'round' (exact means) or 'floor' (the extension's Pillow arithmetic, bit for bit)",
         choices=BLEND_ROUNDINGS,
     )
-    model: str = _f("", "a diffusers Stable Diffusion folder, or 'demo' for the built-in tiny demo model")
+    model: str = _f("", "a diffusers Stable Diffusion folder, an SD 1.x/2.x .safetensors/.ckpt file, or 'demo' (the built-in tiny model)")
+    model_config: str = _f("", "diffusers config folder for a single-file model of an architecture vlrt does not ship "
+                               "(default: SD 1.x/2.x, told apart by the checkpoint's keys)")
+    prediction_type: str = _f("auto", "what the UNet predicts: auto (the model's config; single-file SD 2.x: v_prediction), "
+                                      "epsilon or v_prediction", choices=PREDICTION_TYPES)
+    vae: str = _f("", "a VAE in place of the model's: a diffusers folder or a .safetensors/.ckpt file")
+    lora: list[str] = _f([], "PATH[:SCALE] of a LoRA fused into the model (repeatable; a list in the config; scale 1 by default)")
+    clip_skip: int = _f(1, "CLIP skip as in the WebUI: 1 uses the text encoder's last layer, 2 the penultimate, ...")
     backend: str = _f(
         "auto", "engine backend: auto (TensorRT with a GPU, else ONNX Runtime), torch, ort, trt", group=RUN,
         choices=("auto", "torch", "ort", "trt"),
@@ -173,6 +181,10 @@ def _coerce(name: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise TypeError
             value = float(value)
+        elif kind.startswith("list"):
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
         elif kind.startswith("str"):
             if isinstance(value, list) and name == "temporal_superimpose_alpha_list":
                 value = ",".join(str(v) for v in value)
@@ -199,7 +211,7 @@ def build_settings(config: dict[str, Any] | None = None, overrides: dict[str, An
             values[name] = _coerce(name, value)
     settings = Settings(**values)
     settings.temporal_weights()
-    for name in ("loop_n", "steps", "batch_size", "n_iter", "extract_nth_frame", "max_batch"):
+    for name in ("loop_n", "steps", "batch_size", "n_iter", "extract_nth_frame", "max_batch", "clip_skip"):
         minimum = 0 if name == "loop_n" else 1
         if getattr(settings, name) < minimum:
             raise VlrtError(f"setting {name} = {getattr(settings, name)} must be at least {minimum}")
