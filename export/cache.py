@@ -1,8 +1,8 @@
-"""The engine cache: one folder per (weights, component, resolution, max batch, precision).
+"""The engine cache: one folder per (weights, component, resolution, prompt length, max batch, precision).
 
 Layout (`root` is `engines/` by default)::
 
-    <root>/<model_hash[:12]>-<component>-<H>x<W>-b<max_batch>-<precision>/
+    <root>/<model_hash[:12]>-<component>-<H>x<W>[-t<tokens>]-b<max_batch>-<precision>/
         model.onnx
         model.onnx.data     ONNX external data, for models over 2 GB
         model.plan          TensorRT plan, where one was asked for

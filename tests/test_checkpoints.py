@@ -187,3 +187,28 @@ def test_bad_checkpoints_are_one_clear_line_naming_the_file(name, tiny8_model, c
     assert code != 0 and "\n" not in err, err
     assert str(path) in err and expected in err, err
     assert not out.exists() and not list(tmp_path.glob("out.mp4*"))
+
+
+def test_single_file_options_on_the_command_line(tiny8_dir, tiny8_model, clip_folder, tmp_path):
+    """--model FILE --model-config DIR --prediction-type --clip-skip reach the model and the settings file."""
+    import tomllib
+
+    path = tmp_path / "tiny.safetensors"
+    save_file(to_original(tiny8_model.unet, tiny8_model.vae, tiny8_model.text_encoder), str(path))
+    out = tmp_path / "out"
+    code = main(["render", str(clip_folder), "-o", str(out) + "/", "--model", str(path), "--model-config", str(tiny8_dir),
+                 "--prediction-type", "v_prediction", "--clip-skip", "2", "--loop-n", "1", "--steps", "2",
+                 "--max-frames", "1", "--backend", "torch", "--quiet"])
+    assert code == 0 and len(read_frames(out)) == 1
+    saved = tomllib.loads((out / "settings.toml").read_text())["render"]
+    assert (saved["model_config"], saved["prediction_type"], saved["clip_skip"]) == (str(tiny8_dir), "v_prediction", 2)
+    from vlrt.pipeline import open_model
+
+    model = open_model(build_settings(saved), CPU)
+    assert model.scheduler_config["prediction_type"] == "v_prediction" and model.prompts.clip_skip == 2
+
+
+def test_clip_skip_beyond_the_encoder_is_one_clear_line(clip_folder, tmp_path, capsys):
+    code = main(["render", str(clip_folder), "-o", str(tmp_path / "o.mp4"), "--model", "demo", "--clip-skip", "5", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "\n" not in err and "clip_skip 5 is out of range" in err
