@@ -35,10 +35,10 @@ from vlrt.preview import PreviewCollector
 from vlrt.progress import Progress
 from vlrt.resize import resize_frame
 from vlrt.run_state import (
+    check_same_loras,
     finished_folder_frames,
     finished_video_frames,
     is_folder_output,
-    check_same_loras,
     resumable_settings,
     saved_settings,
     write_settings,
