@@ -47,3 +47,10 @@ def test_preview_rejects_an_unknown_sweep_setting(clip_folder, tmp_path, capsys)
                  "--sweep", "superimpose_alfa=0.1,0.2", "--quiet"])
     assert code != 0 and "superimpose_alfa" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_sweeping_a_model_setting_is_refused_in_one_line(clip_folder, tmp_path, capsys):
+    code = main(["preview", str(clip_folder), "-o", str(tmp_path / "g.png"), "--model", "demo", "--sweep", "clip_skip=1,2", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "\n" not in err and "--sweep clip_skip" in err
+    assert not (tmp_path / "g.png").exists()

@@ -7,6 +7,7 @@ Slow (about 1.1 B parameters built, written twice and loaded twice; several GB o
 
 from __future__ import annotations
 
+import shutil
 import socket
 import time
 
@@ -51,6 +52,9 @@ def test_sd15_single_file_renders_like_the_diffusers_folder(clip_folder, tmp_pat
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(tmp_path / "sd15", safe_serialization=True)
+    # save_pretrained writes the scheduler's defaults out (timestep_spacing "leading"), which the
+    # Euler-family samplers would then read; SD 1.5's own folder, like the shipped config, has none.
+    shutil.copy(folder / "scheduler" / "scheduler_config.json", tmp_path / "sd15" / "scheduler" / "scheduler_config.json")
     single = tmp_path / "sd15.safetensors"
     save_file(to_original(unet, vae, text), str(single))
     del pipe, unet, vae, text

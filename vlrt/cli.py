@@ -102,6 +102,8 @@ def _preview(args: argparse.Namespace) -> int:
         raise VlrtError(f"--frames {args.frames!r} is not a list of frame numbers, e.g. 0,24,48") from None
     sweeps = [parse_sweep(s) for s in args.sweep]
     for name, values in sweeps:
+        if name in MODEL_SETTINGS:
+            raise VlrtError(f"--sweep {name}: the model is loaded once per preview; run one preview per {name} instead")
         for value in values:
             check(overrides={name: value})  # an unknown name or a wrongly typed value fails before any work
     model = open_model(settings, pick_device(settings.device))
@@ -198,6 +200,8 @@ def _log(args: argparse.Namespace):
 
 
 EXPORT_COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "fastdvdnet")
+# Settings applied when the model is loaded (see pipeline.open_model), which a preview does once.
+MODEL_SETTINGS = ("model", "model_config", "prediction_type", "vae", "lora", "clip_skip")
 
 
 def build_parser() -> argparse.ArgumentParser:
