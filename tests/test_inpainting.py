@@ -315,3 +315,15 @@ def test_color_correction_original_holds_the_colours_that_none_lets_drift(demo_m
 
     none, original = drift("none"), drift("original")
     assert none > 3 and original < 0.5 * none, (none, original)
+
+
+def test_mask_threshold_is_the_grey_level_above_which_pixels_are_masked(demo_model, clip_folder, tmp_path):
+    grey = np.zeros((H, W), np.uint8)
+    grey[:, : W // 2] = 110  # masked under --mask-threshold 100, not under the default 127
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    for threshold, edited in ((100, True), (127, False)):
+        _render(clip_folder, tmp_path / f"t{threshold}", demo_model, loop_n=1, superimpose_alpha=1.0, use_mask=True,
+                mask_directory=str(tmp_path / "grey.png"), mask_threshold=threshold)
+        frame_in, frame_out = read_frames(clip_folder)[0], read_frames(tmp_path / f"t{threshold}")[0]
+        assert (_changed(frame_out[:, : W // 2], frame_in[:, : W // 2]) > 2) == edited
+        assert np.array_equal(frame_out[:, W // 2 :], frame_in[:, W // 2 :])

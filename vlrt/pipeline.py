@@ -227,6 +227,7 @@ def render(
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
+        prepare = Preparer(settings, source.info, width, height)  # bad masks or references fail before any work
         executor = Executor(_engines(settings, model, denoiser, device, progress))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
@@ -235,7 +236,6 @@ def render(
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
         write_settings(settings, input_spec, output_spec, None)
-        prepare = Preparer(settings, source.info, width, height)
         written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
     write_settings(settings, input_spec, output_spec, written)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
