@@ -54,3 +54,12 @@ def test_sweeping_a_model_setting_is_refused_in_one_line(clip_folder, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code != 0 and "\n" not in err and "--sweep clip_skip" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_show_loops_gives_a_row_per_loop_pass(clip_folder, tmp_path):
+    out = tmp_path / "grid.png"
+    code = main(["preview", str(clip_folder), "-o", str(out), "--model", "demo", "--backend", "torch", "--frames", "1",
+                 "--sweep", "superimpose_alpha=0.3,0.9", "--show-loops", "--loop-n", "3", "--steps", "2", "--quiet"])
+    assert code == 0
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert sheet.shape[0] == LABEL_HEIGHT + 2 * 3 * (48 * 2 + GAP)  # 2 settings × 3 passes

@@ -31,9 +31,9 @@ from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, open_source
 from vlrt.models import Model, ModelOptions, load_model
 from vlrt.params import ParamResolver
+from vlrt.prepare import Preparer
 from vlrt.preview import PreviewCollector
 from vlrt.progress import Progress
-from vlrt.resize import resize_frame
 from vlrt.run_state import (
     check_same_loras,
     finished_folder_frames,
@@ -239,6 +239,7 @@ def render(
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
+        prepare = Preparer(settings, source.info, width, height)  # bad masks or references fail before any work
         executor = Executor(_engines(settings, model, denoiser, device, progress))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
@@ -247,7 +248,7 @@ def render(
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
         write_settings(settings, input_spec, output_spec, None, model.loras)
-        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, start)
+        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
     write_settings(settings, input_spec, output_spec, written, model.loras)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
@@ -276,7 +277,7 @@ def denoise(
             rounding=settings.blend_rounding,
             max_batch=settings.max_batch,
         )
-        written = _stream(source, settings, [stage], executor, output_spec, {}, progress, stdout, None)
+        written = _stream(source, settings, [stage], executor, output_spec, {}, progress, stdout, None, None)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -291,9 +292,10 @@ def _stream(
     progress: Progress,
     stdout: BinaryIO | None,
     preview: Path | None,
+    prepare: Preparer | None,
     start: int = 0,
 ) -> int:
-    """Run the frames of `source` through `stages` into the output (and the per-pass taps).
+    """Run the frames of `source` (prepared by `prepare`) through `stages` into the output (and the per-pass taps).
 
     Output frames before `start` are dropped (they exist already); the stages start at their
     `first` frame, `reach` frames earlier, so the kept frames are exact."""
@@ -310,11 +312,8 @@ def _stream(
         capacity = sum(s.capacity for s in stages) if stages else 1
         pipeline = Pipeline(stages, executor, capacity, tap_sinks)
         collector = PreviewCollector(source.info.frame_count)
-        width, height = settings.width, settings.height
         first = stages[0].first if stages else start
-        frames = (f for f in source if f.index >= first)
-        if width is not None:
-            frames = (resize_frame(f, width, height, settings.resize_mode) for f in frames)
+        frames = (f for f in source if f.index >= first) if prepare is None else prepare.frames(iter(source), first)
         written = pipeline.run(collector.watch_inputs(frames), sink, progress, collector.see_output, start)
         if written == 0 and start == 0:
             raise VlrtError("the input produced no frames: check it is a video or an image folder with frames")
@@ -410,8 +409,9 @@ def render_span(
         first = max(0, start - reach)
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
-        frames = (f for f in source if f.index >= first)
-        frames = (resize_frame(f, width, height, settings.resize_mode) for f in takewhile(lambda f: f.index < stop + reach, frames))
+        frames = Preparer(settings, source.info, width, height).frames(
+            takewhile(lambda f: f.index < stop + reach, iter(source)), first
+        )
         Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
             frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
         )
@@ -443,16 +443,7 @@ def _render_stages(
     pass_ends: list[int] = []
     for loop in range(settings.loop_n):
         stages.append(
-            LoopPass(
-                loop,
-                model=model,
-                sampler_name=settings.sampler_name,
-                resolver=resolver,
-                executor=executor,
-                in_flight=in_flight,
-                rounding=settings.blend_rounding,
-                first=first,
-            )
+            LoopPass(loop, settings=settings, model=model, resolver=resolver, executor=executor, in_flight=in_flight, first=first)
         )
         if settings.video_post_process_method == "fastdvdnet":
             stages.append(
@@ -463,6 +454,7 @@ def _render_stages(
                     rounding=settings.blend_rounding,
                     max_batch=settings.max_batch,
                     noise_seed_of=(settings.seed, loop),
+                    whole_frame=settings.post_process_outside_mask,
                     first=first,
                 )
             )
