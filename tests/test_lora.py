@@ -97,7 +97,7 @@ def test_lora_frames_equal_diffusers_load_lora_weights_and_fuse_lora(demo_model,
     path, _ = lora_files["a"]
     steps, strength, cfg, seed, prompt, negative = 6, 0.6, 6.0, 21, "a striped pattern", "blurry"
     common = dict(model="demo", backend="torch", loop_n=1, superimpose_alpha=1.0, steps=steps, denoising_strength=strength,
-                  cfg_scale=cfg, seed=seed, prompt=prompt, negative_prompt=negative, max_frames=3, sampler_name="Euler a")
+                  cfg_scale=cfg, seed=seed, prompt=prompt, negative_prompt=negative, max_frames=2, sampler_name="Euler a")
     render(build_settings(overrides=dict(common, lora=[f"{path}:0.8"])), str(clip_folder), str(tmp_path / "lora") + "/", quiet=True)
     render(build_settings(overrides=common), str(clip_folder), str(tmp_path / "plain") + "/", quiet=True, model=demo_model)
     got, plain = read_frames(tmp_path / "lora"), read_frames(tmp_path / "plain")
@@ -109,11 +109,11 @@ def test_lora_frames_equal_diffusers_load_lora_weights_and_fuse_lora(demo_model,
     from diffusers import EulerAncestralDiscreteScheduler
 
     pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-    for frame_in, frame_out in zip(read_frames(clip_folder)[:3], got):
+    for frame_in, frame_out in zip(read_frames(clip_folder)[:2], got):
         want = pipe(prompt=prompt, negative_prompt=negative, image=Image.fromarray(frame_in), strength=strength,
                     num_inference_steps=steps, guidance_scale=cfg, generator=torch.Generator().manual_seed(seed)).images[0]
         assert np.abs(frame_out.astype(int) - np.asarray(want).astype(int)).max() <= 2
-    assert len(got) == 3
+    assert len(got) == 2
     assert np.mean([np.abs(g.astype(int) - p.astype(int)).mean() for g, p in zip(got, plain)]) > 1  # the LoRA mattered
     recorded = tomllib.loads((tmp_path / "lora" / "settings.toml").read_text())
     assert recorded["render"]["lora"] == [f"{path}:0.8"]
@@ -157,13 +157,13 @@ def test_changing_only_the_lora_scale_reweights_the_onnx_instead_of_exporting(lo
 
     def engines_for(scale: float):
         model = load_model("demo", CPU, options=ModelOptions(loras=(f"{path}:{scale}",)))
-        networks = sd_networks(model, 32, 32)
+        networks = [n for n in sd_networks(model, 32, 32) if n.component == UNET]  # the VAE is not what a LoRA changes
         return model, build_engines(networks, "ort", device=CPU, max_batch=2, precision="fp32", engines_dir=engines_dir, log=logs.append)
 
     engines_for(1.0)
-    assert sorted(count_exports) == ["unet", "vae_decoder", "vae_encoder"]
+    assert count_exports == ["unet"]
     model, engines = engines_for(0.4)
-    assert sorted(count_exports) == ["unet", "vae_decoder", "vae_encoder"]  # nothing exported again
+    assert count_exports == ["unet"]  # nothing exported again
     assert any("re-weighting" in line and "unet" in line for line in logs)
     unet_folders = sorted(p for p in engines_dir.iterdir() if p.is_dir() and "-unet-" in p.name)
     assert len(unet_folders) == 2  # one per scale: another weights hash

@@ -72,13 +72,13 @@ def test_vae_override_on_a_single_file_model_that_has_none(tiny8_dir, tiny8_mode
 
 def test_vae_override_changes_the_frames(other_vae, clip_folder, tmp_path):
     _, folder = other_vae
-    base = ["render", str(clip_folder), "-o", None, "--model", "demo", "--loop-n", "1", "--steps", "4", "--max-frames", "2",
+    base = ["render", str(clip_folder), "-o", None, "--model", "demo", "--loop-n", "1", "--steps", "3", "--max-frames", "1",
             "--seed", "3", "--backend", "torch", "--quiet"]
     for name, extra in (("plain", []), ("vae", ["--vae", str(folder)])):
         base[3] = str(tmp_path / name) + "/"
         assert main(base + extra) == 0
     plain, other = read_frames(tmp_path / "plain"), read_frames(tmp_path / "vae")
-    assert len(other) == 2 and max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(plain, other)) > 0
+    assert len(other) == 1 and max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(plain, other)) > 0
 
 
 @pytest.mark.parametrize("form", ["folder", "file", "not_a_vae", "missing"])
