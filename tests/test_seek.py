@@ -124,7 +124,7 @@ def test_folders_raw_files_single_images_and_pipes_start_at_the_frame(tmp_path, 
 def test_a_start_past_the_end_is_one_clear_error(videos, tmp_path, pictures):
     folder = write_frames(tmp_path / "frames", pictures[:3])
     for spec in (str(videos["x264.mp4"]), str(folder)):
-        with pytest.raises(VlrtError, match="ends before frame 200"):
+        with pytest.raises(VlrtError, match="fewer than 201 frames"):
             open_source(spec, start=200)
 
 

@@ -106,7 +106,7 @@ def _start(
         first = next(frames)
     except StopIteration:
         if start:
-            raise VlrtError(f"the input ends before frame {start}: choose frames within it") from None
+            raise VlrtError(f"the input has fewer than {start + 1} frames: choose frames within it") from None
         raise VlrtError(empty_message) from None
     return Source(make_info(first), _chained(first, frames))
 
