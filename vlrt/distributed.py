@@ -197,17 +197,19 @@ def _run(
     pending = {task.remote(settings, input_spec, output_spec, s, fps, counter, threads, hook): s for s in todo}
     progress.set_total(sum(s.frames for s in todo))
     calls: dict[str, int] = {}
+    finished: dict[int, int] = {}
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_EVERY_S)
             for ref in ready:
-                result = _get(ray, ref, f"segment {pending[ref].index + 1} of {len(todo)}")
+                segment = pending.pop(ref)
+                result = _get(ray, ref, f"segment {segment.index + 1} (frames {segment.start}-{segment.stop - 1})")
                 for message in result.messages:
                     progress.log(message)
                 for name, n in result.calls.items():
                     calls[name] = calls.get(name, 0) + n
-                del pending[ref]
-            done = ray.get(counter.frames.remote())
+                finished[segment.index] = segment.frames
+            done = {**ray.get(counter.frames.remote()), **finished}
             progress.update(sum(done.values()), [done.get(s.index, 0) for s in todo])
     finally:
         for ref in pending:
