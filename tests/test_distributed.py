@@ -217,6 +217,7 @@ def test_a_killed_driver_resumes_with_only_the_missing_segments(ray_cluster, cli
         ("clip.mp4", "out.mp4", ["--segments", "2", "--save-every-loop"], "--save-every-loop is not made by segmented"),
         ("clip.mp4", "out.mp4", ["--segments", "2", "--preview", "p.png"], "--preview is not made by segmented renders"),
         ("clip.mp4", "out.avi", ["--segments", "2"], "cannot tell the video format of output"),
+        ("clip.mp4", "out.mp4", ["--segments", "2", "--ray", "127.0.0.1:1"], "cannot connect to Ray at '127.0.0.1:1'"),
     ],
 )
 def test_bad_segment_requests_are_one_line_and_leave_nothing(input_, output, args, message, tmp_path, capsys, monkeypatch):
@@ -242,12 +243,23 @@ def test_more_segments_than_frames_render_one_segment_per_frame(ray_cluster, tmp
     frames.mkdir()
     for i, picture in enumerate(sample_frames(4, SIZE)):
         av.VideoFrame.from_ndarray(picture, format="rgb24").to_image().save(frames / f"{i:04d}.png")
-    args = ["--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2", "--seed", "3",
+    base = ["--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2",
             "--temporal-superimpose-alpha-list", "0.2,0.6,0.2", "--max-batch", "1"]
+    args = [*base, "--seed", "3"]
     assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'one'}/", *args, "--quiet"]) == 0
-    assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'many'}/", *args, "--segments", "10"]) == 0
+    assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'many'}/", *args, "--segments", "10",
+                 "--gpus-per-segment", "0"]) == 0
     assert "the input has 4 frames: rendering 4 segments, not 10" in capsys.readouterr().err
     assert_same_frames(read_frames(tmp_path / "many"), read_frames(tmp_path / "one"))
+    # Without --resume a segmented render redoes every frame, even where the folder holds frames already.
+    before = read_frames(tmp_path / "many")
+    assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'many'}/", *base, "--seed", "4", "--segments", "2",
+                 "--quiet"]) == 0
+    assert all(not np.array_equal(a, b) for a, b in zip(read_frames(tmp_path / "many"), before))
+    assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'gpu'}/", *args, "--segments", "2",
+                 "--gpus-per-segment", "1"]) == 2
+    assert "--gpus-per-segment 1: the Ray cluster has 0 GPUs" in capsys.readouterr().err
+    assert not (tmp_path / "gpu").exists()
 
 
 def test_onnx_engines_are_built_once_before_the_segments_and_only_loaded_by_them(ray_cluster, tmp_path, capsys):

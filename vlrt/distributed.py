@@ -5,7 +5,7 @@ The driver (this process) checks the request, makes −1 seeds concrete once, an
 the end; an address joins an existing cluster, whose nodes must all see the input, the output's
 folder, the model and the engine cache (`--engines`) at the same paths. Then:
 
-1. One task with a segment's resources runs `pipeline.prepare`: the render size, the input's exact
+1. One task with a segment's resources runs `pipeline.prepare_render`: the render size, the input's exact
    frame count, and every engine the render needs, built into the engine cache, so that the segment
    tasks only load them (on a cluster a TensorRT plan is built where the segments run).
 2. The frames are split into contiguous segments (`vlrt.segments`), each rendered by its own task
@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,10 +42,12 @@ from typing import Any
 
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
+from vlrt.io.encoding import choose_encoding, file_muxer
+from vlrt.io.parts import Part
 from vlrt.io.segment_parts import keep_only, segment_parts
 from vlrt.io.sinks import join_video, open_sink
 from vlrt.models import load_model
-from vlrt.pipeline import Prepared, RenderResult, concrete_seeds, pick_device, pipeline_reach, prepare, render_span
+from vlrt.pipeline import PreparedRender, RenderResult, concrete_seeds, pick_device, pipeline_reach, prepare_render, render_span
 from vlrt.progress import Progress
 from vlrt.run_state import is_folder_output, resume_settings, write_settings
 from vlrt.segments import Segment, halo_overhead, split
@@ -53,6 +56,7 @@ from vlrt.settings import Settings
 RETRIES = 3
 TEST_KILL_ENV = "VLRT_TEST_KILL_SEGMENT"
 REPORT_EVERY_S = 0.5
+CONNECT_TIMEOUT_S = 10
 # A local instance carries no frames in its object store (they go through files): keep it small.
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
 
@@ -70,7 +74,8 @@ def render_segments(
 ) -> RenderResult:
     """Render INPUT to OUTPUT in `segments` Ray tasks; the frames equal those of `pipeline.render`.
 
-    `gpus_per_segment` None takes one GPU per segment where the cluster has GPUs, else none."""
+    `gpus_per_segment` None takes one GPU per segment where the cluster has GPUs (and the device is
+    not the CPU), else none."""
     _check_request(settings, input_spec, output_spec, segments, gpus_per_segment)
     ray = import_ray(local=ray_address == "auto")
     if resume:
@@ -79,7 +84,7 @@ def render_segments(
     progress = Progress(None, segments, quiet, parts_label="S")
     started = time.perf_counter()
     with _connected(ray, ray_address):
-        gpus = gpus_per_segment if gpus_per_segment is not None else (1 if ray.cluster_resources().get("GPU") else 0)
+        gpus = _gpus_per_task(ray, gpus_per_segment, settings.device)
         options = _task_options(ray, 1, gpus)
         prepared, messages = _get(ray, ray.remote(_prepare).options(**options).remote(settings, input_spec, options["num_cpus"]),
                                   "preparing the render")
@@ -91,13 +96,12 @@ def render_segments(
         _describe(plan, segments, reach, progress)
         keep_only(Path(output_spec), [(s.start, s.stop) for s in plan] if resume else [])
         write_settings(settings, input_spec, output_spec, None)
-        todo = [s for s in plan if not _finished(output_spec, s)]
+        todo = [s for s in plan if not _finished(output_spec, s)] if resume else plan
         if resume:
             progress.log(f"vlrt: resuming: {len(plan) - len(todo)} of {len(plan)} segments are finished")
         calls = _run(ray, _task_options(ray, len(todo), gpus), settings, input_spec, output_spec, prepared.fps, todo, progress)
     if not is_folder_output(output_spec):
-        parts = [part for s in plan for part in segment_parts(Path(output_spec), s.start, s.stop) or []]
-        join_video(parts, Path(output_spec), prepared.fps, prepared.audio)
+        join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio)
     write_settings(settings, input_spec, output_spec, prepared.frames)
     seconds = time.perf_counter() - started
     progress.log(f"vlrt: wrote {prepared.frames} frames to {output_spec} in {seconds:.1f} s ({len(plan)} segments)")
@@ -106,8 +110,9 @@ def render_segments(
 
 def import_ray(local: bool) -> Any:
     """Ray, or a one-line error saying how to install it. A `local` instance listens on the loopback
-    address only, and no Ray process started from here reports usage."""
+    address only; no Ray process started from here reports usage, and Ray's own logging says only errors."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ core: only errors on standard error
     if local:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported
     try:
@@ -130,8 +135,6 @@ def _check_request(settings: Settings, input_spec: str, output_spec: str, segmen
     if settings.save_every_loop:
         raise VlrtError("--save-every-loop is not made by segmented renders: render without --segments for the per-pass videos")
     if not is_folder_output(output_spec):
-        from vlrt.io.encoding import choose_encoding, file_muxer
-
         choose_encoding(file_muxer(Path(output_spec)), pipe=False, codec=settings.codec, lossless=settings.lossless,
                         crf=settings.crf, alpha=False)
 
@@ -139,23 +142,47 @@ def _check_request(settings: Settings, input_spec: str, output_spec: str, segmen
 @contextmanager
 def _connected(ray: Any, address: str) -> Iterator[None]:
     """This process connected to Ray. A connection the caller already made is used and left open."""
-    if ray.is_initialized():
-        yield
-        return
-    quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+    reuse = ray.is_initialized()
     try:
-        if address == "auto":
+        if address != "auto":
+            _check_reachable(address)
+        quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
+        if reuse:
+            current = ray.get_runtime_context().gcs_address
+            if address not in ("auto", current):
+                raise RuntimeError(f"this process is already connected to Ray at {current}")
+        elif address == "auto":
             ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
         else:
             ray.init(address=address, **quiet)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
+    except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VlrtError(f"cannot connect to Ray at {address!r} ({reason}): start the cluster, check the address, "
-                        "or use --ray auto for a local instance") from None
+        raise VlrtError(f"cannot connect to Ray at {address!r} ({reason}): start the cluster (ray start --head), "
+                        "check the address, or use --ray auto for a local instance") from None
     try:
         yield
     finally:
-        ray.shutdown()  # stops a local instance; leaves a cluster running
+        if not reuse:
+            ray.shutdown()  # stops a local instance; leaves a cluster running
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds when nothing listens at a host:port address (Ray itself retries for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+
+
+def _gpus_per_task(ray: Any, asked: float | None, device: str) -> float:
+    """The GPUs each task asks Ray for: as given (a cluster without that many is an error, not a
+    wait), else one where the cluster has GPUs and the device is not the CPU."""
+    available = ray.cluster_resources().get("GPU", 0)
+    if asked is None:
+        return 1 if available and device != "cpu" else 0
+    if asked > available:
+        raise VlrtError(f"--gpus-per-segment {asked:g}: the Ray cluster has {available:g} GPUs; "
+                        "ask for at most that many (0 renders on CPUs)")
+    return asked
 
 
 def _task_options(ray: Any, tasks: int, gpus: float) -> dict[str, Any]:
@@ -183,6 +210,18 @@ def _finished(output_spec: str, segment: Segment) -> bool:
     if is_folder_output(output_spec):
         return all((Path(output_spec) / f"{i:06d}.png").is_file() for i in range(segment.start, segment.stop))
     return segment_parts(Path(output_spec), segment.start, segment.stop) is not None
+
+
+def _all_parts(output: Path, plan: list[Segment]) -> list[Part]:
+    """The parts of every segment, in order, for the join."""
+    parts: list[Part] = []
+    for s in plan:
+        found = segment_parts(output, s.start, s.stop)
+        if found is None:
+            raise VlrtError(f"the parts of frames {s.start}-{s.stop - 1} of '{output}' went missing before the join "
+                            "(another render of the same output?): run the same command with --resume")
+        parts += found
+    return parts
 
 
 def _run(
@@ -254,14 +293,14 @@ class SegmentResult:
     messages: list[str] = field(default_factory=list)
 
 
-def _prepare(settings: Settings, input_spec: str, threads: int) -> tuple[Prepared, list[str]]:
-    """The preparation task: `pipeline.prepare`, and what it had to say."""
+def _prepare(settings: Settings, input_spec: str, threads: int) -> tuple[PreparedRender, list[str]]:
+    """The preparation task: `pipeline.prepare_render`, and what it had to say."""
     import torch
 
     torch.set_num_threads(threads)
     messages: list[str] = []
     model = load_model(settings.model, pick_device(settings.device))
-    return prepare(settings, input_spec, model=model, log=messages.append), messages
+    return prepare_render(settings, input_spec, model=model, log=messages.append), messages
 
 
 def _render_segment(

@@ -394,7 +394,7 @@ def render_span(
 
     `on_frame(pass_number, frame)` receives the finished frames (pass_number = loop_n), and with
     `every_pass` each loop pass's frames too (1 … loop_n). `engine_log` hears of engines being
-    built (none when `prepare` ran first). Returns the engine call counts."""
+    built (none when `prepare_render` ran first). Returns the engine call counts."""
     settings = concrete_seeds(settings)
     resolver = ParamResolver(settings, settings.seed, settings.subseed)
     progress = Progress(None, settings.loop_n, quiet=True)
@@ -419,7 +419,7 @@ def render_span(
 
 
 @dataclass
-class Prepared:
+class PreparedRender:
     """What a render of an input needs settled before its frames are split between processes."""
 
     settings: Settings  # with the render size made concrete
@@ -428,7 +428,7 @@ class Prepared:
     audio: Path | None  # the file whose sound a video output carries
 
 
-def prepare(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> Prepared:
+def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
     """Settle a render's size, frame count, rate and sound, check its schedules, and build every engine
     it needs into the engine cache. A segment-parallel render does this once, before its segments
     start, so that they only load the engines."""
@@ -440,7 +440,7 @@ def prepare(settings: Settings, input_spec: str, *, model: Model, log: Callable[
     settings = replace(settings, width=width, height=height)
     ParamResolver(settings, settings.seed, settings.subseed).check_all_first()
     _engines(settings, model, denoiser, pick_device(settings.device), log)
-    return Prepared(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info))
+    return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info))
 
 
 def _resume_point(settings: Settings, output_spec: str) -> tuple[Settings, int]:
