@@ -56,3 +56,18 @@ def test_resume_of_a_finished_folder_is_refused_and_of_a_partial_one_completes(c
     assert len(resumed) == 6 and all(np.array_equal(a, b) for a, b in zip(full, resumed))
     assert main([*args[:-1], "--seed", "5", "--quiet", "--resume"]) != 0
     assert "setting seed is 5" in capsys.readouterr().err
+
+
+def test_output_frame_rate_and_the_default_source_rate_over_extract_nth_frame(tmp_path):
+    import av
+
+    from vlrt.demo.clip import write_sample_clip
+
+    clip = write_sample_clip(tmp_path / "clip.mp4", frames=12)
+    with av.open(str(clip)) as container:
+        source_fps = container.streams.video[0].average_rate
+    for extra, want in ((["--output-frame-rate", "12.5"], 12.5), (["--extract-nth-frame", "3"], source_fps / 3)):
+        out = tmp_path / f"out{len(extra[1])}.mkv"
+        assert main(["render", str(clip), "-o", str(out), "--model", "demo", "--loop-n", "0", *extra, "--quiet"]) == 0
+        with av.open(str(out)) as container:
+            assert abs(float(container.streams.video[0].average_rate) - float(want)) < 1e-3

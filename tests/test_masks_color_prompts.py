@@ -9,11 +9,11 @@ import pytest
 from PIL import Image, ImageChops, ImageFilter
 
 from vlrt.blend import FLOOR, ROUND
-from vlrt.color import ColorMatcher, lab_to_rgb, match_histograms, rgb_to_lab
+from vlrt.color import ColorAnchor, lab_to_rgb, match_histograms, rgb_to_lab
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
 from vlrt.masks import MaskSource, blur_mask, composite, crop_region, invert_mask
-from vlrt.prompt_files import read_prompt_file, resolve_prompts
+from vlrt.prompt_files import frame_prompts, read_prompt_file
 from vlrt.resize import CROP_AND_RESIZE, JUST_RESIZE, RESIZE_AND_FILL
 from vlrt.temporal_diff import diff_mask_blend, difference_mask, reference_lists
 
@@ -262,20 +262,12 @@ def test_histogram_matching_removes_a_colour_cast():
     assert fixed.dtype == np.uint8 and fixed.shape == cast.shape
 
 
-def test_color_matcher_modes_pick_their_reference():
-    reds = [np.clip(_textured().astype(int) + [k * 20, 0, 0], 0, 255).astype(np.uint8) for k in range(3)]
-    output = np.clip(_textured().astype(int) + [0, 40, 0], 0, 255).astype(np.uint8)
-    assert ColorMatcher("none")(output, reds[2]) is output
-    original = ColorMatcher("original")
-    assert np.array_equal(original(output, reds[2]), match_histograms(output, reds[2]))
-    assert np.array_equal(original(output, reds[1]), match_histograms(output, reds[1]))
-    first = ColorMatcher("first")
-    assert np.array_equal(first(output, reds[0]), match_histograms(output, reds[0]))
-    assert np.array_equal(first(output, reds[2]), match_histograms(output, reds[0]))
-    resumed = ColorMatcher("first", first=reds[1])
-    assert np.array_equal(resumed(output, reds[2]), match_histograms(output, reds[1]))
-    with pytest.raises(VlrtError, match="none, original, first"):
-        ColorMatcher("auto")
+def test_color_anchor_is_built_once_and_matches_like_match_histograms():
+    anchor_picture = np.clip(_textured().astype(int) + [40, 0, 0], 0, 255).astype(np.uint8)
+    anchor = ColorAnchor(anchor_picture)
+    for shift in ([0, 40, 0], [0, 0, -30]):
+        output = np.clip(_textured().astype(int) + shift, 0, 255).astype(np.uint8)
+        assert np.array_equal(anchor.match(output), match_histograms(output, anchor_picture))
 
 
 # --- prompt files ---
@@ -300,18 +292,16 @@ def test_prompt_file_parsing(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("file", "scheduled", "has_schedule", "expected"),
+    ("file", "resolved", "expected"),
     [
-        (("txt p", "txt n"), ("sch p", "sch n"), (True, True), ("txt p", "txt n")),  # the txt overrides schedules
-        ((None, None), ("sch p", "sch n"), (True, True), ("sch p", "sch n")),
-        ((None, None), (None, None), (False, False), ("ui p", "ui n")),
-        (("txt p", None), ("sch p", "sch n"), (True, True), ("txt p", "sch n")),  # each part on its own
-        ((None, "txt n"), (None, None), (False, False), ("ui p", "txt n")),
-        ((None, None), ("sch p", None), (True, False), ("sch p", "ui n")),
+        (("txt p", "txt n"), ("sch p", "sch n"), ("txt p", "txt n")),  # the txt overrides schedules
+        ((None, None), ("sch p", "sch n"), ("sch p", "sch n")),
+        (("txt p", None), ("sch p", "sch n"), ("txt p", "sch n")),  # each part on its own
+        ((None, "txt n"), ("ui p", "ui n"), ("ui p", "txt n")),
     ],
 )
-def test_prompt_precedence(file, scheduled, has_schedule, expected):
-    assert resolve_prompts(*file, *scheduled, *has_schedule, "ui p", "ui n") == expected
+def test_prompt_precedence(file, resolved, expected):
+    assert frame_prompts(file, resolved) == expected
 
 
 # --- difference-mask temporal blend ---
@@ -342,20 +332,25 @@ def test_diff_mask_blend_matches_pillow(weights):
         refs.append(ref)
     current = n // 2
     expected = _pillow_diff_blend(frames, refs, weights, current).astype(int)
-    assert np.abs(diff_mask_blend(frames, refs, weights, current, FLOOR).astype(int) - expected).max() <= 2
-    assert np.abs(diff_mask_blend(frames, refs, weights, current, ROUND).astype(int) - expected).max() <= 2
+    assert np.abs(diff_mask_blend(frames, [(r,) for r in refs], weights, current, FLOOR).astype(int) - expected).max() <= 2
+    assert np.abs(diff_mask_blend(frames, [(r,) for r in refs], weights, current, ROUND).astype(int) - expected).max() <= 2
 
 
 def test_diff_mask_static_reference_mixes_neighbours_moving_keeps_current():
     frames = [np.full((4, 6, 3), v, np.uint8) for v in (0, 90, 210)]
-    static = [np.full((4, 6, 3), 50, np.uint8)] * 3
+    static = [(np.full((4, 6, 3), 50, np.uint8),)] * 3
     mixed = diff_mask_blend(frames, static, [1.0, 1.0, 1.0], 1, ROUND)
     assert (mixed == 100).all()  # (0 + 90 + 210) / 3: the neighbours fully used where nothing moved
-    moving = [static[0].copy(), static[0].copy(), static[0].copy()]
+    moving = [static[0][0].copy(), static[0][0].copy(), static[0][0].copy()]
     moving[0][:, :3] = 200
     moving[2][:, :3] = 0  # the left half moves in the reference
-    out = diff_mask_blend(frames, moving, [1.0, 1.0, 1.0], 1, ROUND)
+    out = diff_mask_blend(frames, [(m,) for m in moving], [1.0, 1.0, 1.0], 1, ROUND)
     assert (out[:, :3] == 90).all() and (out[:, 3:] == 100).all()
+    # Two reference folders: a pixel moving in either one keeps the current frame there.
+    other = [static[0][0].copy() for _ in range(3)]
+    other[0][:2] = 99  # the top rows of slot 0 move in the second reference only: (90 + 90 + 210) / 3
+    both = diff_mask_blend(frames, [(m, o) for m, o in zip(moving, other)], [1.0, 1.0, 1.0], 1, ROUND)
+    assert (both[:, :3] == 90).all() and (both[:2, 3:] == 130).all() and (both[2:, 3:] == 100).all()
     half = diff_mask_blend(frames, static, [0.5, 0.0, 0.5], 1, ROUND)
     assert (half == 95).all()  # (45 + 90 + 150) / 3: each weight says how much neighbour to take
 

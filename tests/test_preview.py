@@ -47,3 +47,12 @@ def test_preview_rejects_an_unknown_sweep_setting(clip_folder, tmp_path, capsys)
                  "--sweep", "superimpose_alfa=0.1,0.2", "--quiet"])
     assert code != 0 and "superimpose_alfa" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_show_loops_gives_a_row_per_loop_pass(clip_folder, tmp_path):
+    out = tmp_path / "grid.png"
+    code = main(["preview", str(clip_folder), "-o", str(out), "--model", "demo", "--backend", "torch", "--frames", "1",
+                 "--sweep", "superimpose_alpha=0.3,0.9", "--show-loops", "--loop-n", "3", "--steps", "2", "--quiet"])
+    assert code == 0
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert sheet.shape[0] == LABEL_HEIGHT + 2 * 3 * (48 * 2 + GAP)  # 2 settings × 3 passes

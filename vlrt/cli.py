@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.set_defaults(run=_denoise)
 
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
-    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, segments (default: the first three)")
+    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments (default: the first three)")
     bench.set_defaults(run=_bench)
 
     from vlrt.doctor import add_doctor_parser

@@ -1,8 +1,11 @@
 """Colour correction against loop drift (extension issue #7, SPEC.md §5).
 
 Each loop pass feeds SD its own previous output, so a small colour bias of the model or VAE
-compounds ("more red each loop"). Matching each output's colour histogram to an anchor picture
-(its own original input frame, or the first input frame) removes that bias every pass.
+compounds ("more red each loop"). Matching each SD result's colour histogram to an anchor picture
+removes that bias every pass. The modes (`color_correction`): `none` (the extension's
+behaviour), `original` (each frame's anchor is its own original input frame, which moves with
+the content; recommended), `first` (every frame is anchored to the first input frame, what the
+WebUI's colour-correction option amounted to under the extension).
 
 Matching is done per channel in CIELAB, in float, with a numpy sRGB↔CIELAB conversion
 (IEC 61966-2-1 sRGB, D65 white, CIE 1976 L*a*b*). Not Pillow's ImageCms: its 8-bit LAB mode
@@ -15,8 +18,6 @@ that per-channel RGB matching gives.
 from __future__ import annotations
 
 import numpy as np
-
-from vlrt.errors import VlrtError
 
 NONE = "none"
 ORIGINAL = "original"
@@ -60,8 +61,12 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return np.searchsorted(_LINEAR_EDGES, linear).astype(np.uint8)
 
 
-class _Histograms:
-    """A reference picture's per-channel LAB value distribution (sorted values and their CDF)."""
+class ColorAnchor:
+    """A reference picture's per-channel CIELAB value distribution, to match other pictures to.
+
+    Built once per anchor (a frame's original input, or the first input frame for
+    `color_correction = "first"`), used by every loop pass.
+    """
 
     def __init__(self, rgb: np.ndarray) -> None:
         lab = rgb_to_lab(rgb).reshape(-1, 3)
@@ -71,7 +76,7 @@ class _Histograms:
             self.channels.append((values, np.cumsum(counts) / lab.shape[0]))
 
     def match(self, image: np.ndarray) -> np.ndarray:
-        """`image` with each LAB channel's CDF mapped onto the reference's (classic histogram matching)."""
+        """`image` with each LAB channel's CDF mapped onto the anchor's (classic histogram matching)."""
         lab = rgb_to_lab(image).reshape(-1, 3)
         out = np.empty_like(lab)
         for ch, (ref_values, ref_cdf) in enumerate(self.channels):
@@ -86,32 +91,4 @@ def match_histograms(image: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
     The two pictures may differ in size; only the value distributions are compared.
     """
-    return _Histograms(reference).match(image)
-
-
-class ColorMatcher:
-    """Colour correction of finished frames, in one of `COLOR_MODES`.
-
-    - `none`: frames pass unchanged.
-    - `original`: each output frame is matched to its OWN original input frame (the anchor that
-      moves with the content; recommended).
-    - `first`: every frame is matched to the first input frame (what the WebUI's colour-correction
-      option amounted to under the extension). The reference is `first` when given (pass it when
-      resuming mid-video), else the `original` of the first call.
-    """
-
-    def __init__(self, mode: str, first: np.ndarray | None = None) -> None:
-        if mode not in COLOR_MODES:
-            raise VlrtError(f"colour correction '{mode}' is unknown: use one of {', '.join(COLOR_MODES)}")
-        self.mode = mode
-        self._first = _Histograms(first) if mode == FIRST and first is not None else None
-
-    def __call__(self, output: np.ndarray, original: np.ndarray) -> np.ndarray:
-        """`output` corrected; `original` is the output frame's original input frame."""
-        if self.mode == NONE:
-            return output
-        if self.mode == ORIGINAL:
-            return match_histograms(output, original)
-        if self._first is None:
-            self._first = _Histograms(original)
-        return self._first.match(output)
+    return ColorAnchor(reference).match(image)

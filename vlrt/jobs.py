@@ -17,6 +17,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from vlrt.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
 from vlrt.noise import generator, variation_noise
 
 
@@ -54,7 +55,12 @@ class Img2ImgJob:
         subseed_strength: float,
         scaling_factor: float,
         shift_factor: float = 0.0,
+        latent_mask: np.ndarray | None = None,
+        fill: str = ORIGINAL,
     ) -> None:
+        """`latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
+        other latents follow the init image's noising trajectory; `fill` is what the masked
+        latents start from (see `vlrt.inpaint`)."""
         self.image = image
         self.cond, self.uncond = cond, uncond
         self.guidance = guidance
@@ -71,6 +77,10 @@ class Img2ImgJob:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         self.step_kwargs = {"generator": self.generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        self.edit = None if latent_mask is None else torch.from_numpy(latent_mask)[None, None]
+        self.fill = fill
+        self.init_latents: torch.Tensor | None = None
+        self.noise: torch.Tensor | None = None
         self.index = 0
         self.latents: torch.Tensor | None = None
         self.result: np.ndarray | None = None
@@ -92,6 +102,12 @@ class Img2ImgJob:
         posterior = DiagonalGaussianDistribution(moments.unsqueeze(0).float().cpu())
         init = (posterior.sample(self.generator) - self.shift_factor) * self.scaling_factor
         noise = variation_noise(tuple(init.shape), self.generator, self.subseed, self.subseed_strength)
+        if self.edit is not None:
+            self.init_latents, self.noise = init, noise
+            if self.fill == LATENT_NOISE:
+                init = init * (1 - self.edit) + noise * self.edit
+            elif self.fill == LATENT_NOTHING:
+                init = init * (1 - self.edit)
         self.latents = self.scheduler.add_noise(init, noise, self.timesteps[:1])
         self.phase = Phase.DENOISE
 
@@ -118,8 +134,17 @@ class Img2ImgJob:
         t = self.timesteps[self.index]
         self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
         self.index += 1
+        if self.edit is not None:
+            self._keep_unmasked()
         if self.index == len(self.timesteps):
             self.phase = Phase.DECODE
+
+    def _keep_unmasked(self) -> None:
+        """Outside the latent mask, put back the init latents noised to the next step (none after the last)."""
+        keep = self.init_latents
+        if self.index < len(self.timesteps):
+            keep = self.scheduler.add_noise(keep, self.noise, self.timesteps[self.index : self.index + 1])
+        self.latents = keep * (1 - self.edit) + self.latents * self.edit
 
     # --- DECODE ---
     def decoder_input(self) -> torch.Tensor:

@@ -15,13 +15,14 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from itertools import takewhile
+from itertools import chain, takewhile
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import nn
 
+from vlrt.color import FIRST
 from vlrt.engine_picker import default_engines_dir, open_engines
 from vlrt.engines.base import EngineSet
 from vlrt.errors import VlrtError
@@ -31,9 +32,9 @@ from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.models import Model, load_model
 from vlrt.params import ParamResolver
+from vlrt.prepare import Preparer
 from vlrt.preview import PreviewCollector
 from vlrt.progress import Progress
-from vlrt.resize import resize_frame
 from vlrt.run_state import (
     finished_folder_frames,
     finished_video_frames,
@@ -231,6 +232,7 @@ def render(
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
+        prepare = Preparer(settings, source.info, width, height)  # bad masks or references fail before any work
         executor = Executor(_engines(settings, model, denoiser, device, progress.log))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
@@ -239,7 +241,7 @@ def render(
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
         write_settings(settings, input_spec, output_spec, None)
-        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, start)
+        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
     write_settings(settings, input_spec, output_spec, written)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
@@ -268,7 +270,7 @@ def denoise(
             rounding=settings.blend_rounding,
             max_batch=settings.max_batch,
         )
-        written = _stream(source, settings, [stage], executor, output_spec, {}, progress, stdout, None)
+        written = _stream(source, settings, [stage], executor, output_spec, {}, progress, stdout, None, None)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -283,9 +285,10 @@ def _stream(
     progress: Progress,
     stdout: BinaryIO | None,
     preview: Path | None,
+    prepare: Preparer | None,
     start: int = 0,
 ) -> int:
-    """Run the frames of `source` through `stages` into the output (and the per-pass taps).
+    """Run the frames of `source` (prepared by `prepare`) through `stages` into the output (and the per-pass taps).
 
     Output frames before `start` are dropped (they exist already); the stages start at their
     `first` frame, `reach` frames earlier, so the kept frames are exact."""
@@ -301,11 +304,8 @@ def _stream(
         capacity = sum(s.capacity for s in stages) if stages else 1
         pipeline = Pipeline(stages, executor, capacity, tap_sinks)
         collector = PreviewCollector(source.info.frame_count)
-        width, height = settings.width, settings.height
         first = stages[0].first if stages else start
-        frames = (f for f in source if f.index >= first)
-        if width is not None:
-            frames = (resize_frame(f, width, height, settings.resize_mode) for f in frames)
+        frames = (f for f in source if f.index >= first) if prepare is None else prepare.frames(iter(source), first)
         written = pipeline.run(collector.watch_inputs(frames), sink, progress, collector.see_output, start)
         if written == 0 and start == 0:
             raise VlrtError("the input produced no frames: check it is a video or an image folder with frames")
@@ -411,7 +411,10 @@ def render_span(
         executor = Executor(_engines(settings, model, denoiser, device, engine_log or progress.log))
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
-        frames = (resize_frame(f, width, height, settings.resize_mode) for f in takewhile(lambda f: f.index < stop + reach, source))
+        frames = takewhile(lambda f: f.index < stop + reach, iter(source))
+        if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need frame 0
+            frames = chain([_first_frame(settings, input_spec)], frames)
+        frames = Preparer(settings, source.info, width, height).frames(frames, first)
         Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
             frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
         )
@@ -437,10 +440,17 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     with _open_source(settings, input_spec, None, exact_count=True) as source:
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         info = source.info
+        Preparer(settings, info, width, height)  # bad masks or references fail before any work
     settings = replace(settings, width=width, height=height)
     ParamResolver(settings, settings.seed, settings.subseed).check_all_first()
     _engines(settings, model, denoiser, pick_device(settings.device), log)
     return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info))
+
+
+def _first_frame(settings: Settings, input_spec: str) -> Frame:
+    """The input's frame 0 (a span that starts later needs it as the colour anchor)."""
+    with _open_source(settings, input_spec, None) as source:
+        return next(iter(source))
 
 
 def _resume_point(settings: Settings, output_spec: str) -> tuple[Settings, int]:
@@ -462,16 +472,7 @@ def _render_stages(
     pass_ends: list[int] = []
     for loop in range(settings.loop_n):
         stages.append(
-            LoopPass(
-                loop,
-                model=model,
-                sampler_name=settings.sampler_name,
-                resolver=resolver,
-                executor=executor,
-                in_flight=in_flight,
-                rounding=settings.blend_rounding,
-                first=first,
-            )
+            LoopPass(loop, settings=settings, model=model, resolver=resolver, executor=executor, in_flight=in_flight, first=first)
         )
         if settings.video_post_process_method == "fastdvdnet":
             stages.append(
@@ -482,6 +483,7 @@ def _render_stages(
                     rounding=settings.blend_rounding,
                     max_batch=settings.max_batch,
                     noise_seed_of=(settings.seed, loop),
+                    whole_frame=settings.post_process_outside_mask,
                     first=first,
                 )
             )

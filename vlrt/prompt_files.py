@@ -31,31 +31,11 @@ def read_prompt_file(frame_path: Path) -> tuple[str | None, str | None]:
     return prompt.strip() or None, negative.strip() or None
 
 
-def resolve_prompts(
-    file_prompt: str | None,
-    file_negative: str | None,
-    scheduled_prompt: str | None,
-    scheduled_negative: str | None,
-    has_prompt_schedule: bool,
-    has_negative_schedule: bool,
-    default_prompt: str,
-    default_negative: str,
-) -> tuple[str, str]:
-    """The (prompt, negative prompt) of a frame when prompts are read from txt files.
+def frame_prompts(from_file: tuple[str | None, str | None], resolved: tuple[str, str]) -> tuple[str, str]:
+    """A frame's (prompt, negative prompt) when prompts are read from txt files.
 
-    Each of the two independently: the txt's part when it has one (it overrides the schedule);
-    otherwise the schedule's value for this frame when that schedule is set; otherwise the default
-    (the prompt given for the whole run).
+    Each of the two on its own: the txt's part when it has one (it overrides the schedule), else
+    the frame's resolved value: the schedule's for this frame when that schedule is set, else the
+    prompt given for the whole run (SPEC.md §2.3 step 5).
     """
-    return (
-        _pick(file_prompt, scheduled_prompt, has_prompt_schedule, default_prompt),
-        _pick(file_negative, scheduled_negative, has_negative_schedule, default_negative),
-    )
-
-
-def _pick(from_file: str | None, scheduled: str | None, has_schedule: bool, default: str) -> str:
-    if from_file is not None:
-        return from_file
-    if has_schedule and scheduled is not None:
-        return scheduled
-    return default
+    return from_file[0] or resolved[0], from_file[1] or resolved[1]

@@ -16,14 +16,18 @@ from typing import Any
 import tomli_w
 import tomllib
 
+from vlrt.color import COLOR_MODES
 from vlrt.errors import VlrtError
+from vlrt.inpaint import FILLS
+from vlrt.masks import MISSING_POLICIES
+from vlrt.temporal_diff import DIFFERENCE_METHOD
 
 # Field groups: "frames" settings change the rendered pictures (and must match on --resume);
 # "run" settings only change how the work is done or where it goes.
 FRAMES = "frames"
 RUN = "run"
 
-TEMPORAL_METHODS = ("simple", "with difference mask from reference")
+TEMPORAL_METHODS = ("simple", DIFFERENCE_METHOD)
 POST_PROCESS_METHODS = ("none", "fastdvdnet")
 BLEND_ROUNDINGS = ("round", "floor")
 
@@ -89,8 +93,21 @@ class Settings:
     width: int | None = _f(None, "frame width (default: the source width rounded down to what the model takes)")
     height: int | None = _f(None, "frame height (default: the source height rounded down)")
     resize_mode: int = _f(0, "0 just resize, 1 crop and resize, 2 resize and fill", choices=(0, 1, 2))
+    # The WebUI inpaint tab's defaults, where the extension's users ran it (the HTTP API's differ).
+    mask_blur: int = _f(4, "inpainting: Gaussian blur radius of the mask's edge where the result is pasted back")
+    inpainting_mask_invert: bool = _f(False, "inpainting: edit outside the mask instead of inside")
+    inpainting_fill: str = _f("original", "inpainting: what SD starts from inside the mask", choices=FILLS)
+    inpaint_full_res: bool = _f(False, "inpainting: run SD on the masked area only, scaled to width×height, and paste it back")
+    inpaint_full_res_padding: int = _f(32, "inpainting: pixels around the masked area kept as context with inpaint_full_res")
 
     # --- vlrt's own ---
+    missing_mask: str = _f("error", "a frame without a mask: 'error', or 'keep' the frame unchanged", choices=MISSING_POLICIES)
+    post_process_outside_mask: bool = _f(
+        False, "apply image post-processing and FastDVDNet to the whole frame, outside the mask too (the extension's way)"
+    )
+    color_correction: str = _f(
+        "none", "match SD's colours to each frame's 'original' input, or to the 'first' input frame", choices=COLOR_MODES
+    )
     blend_rounding: str = _f(
         "round",
         "8-bit rounding of blends: 'round' (exact means) or 'floor' (the extension's Pillow arithmetic, bit for bit)",
@@ -199,10 +216,13 @@ def build_settings(config: dict[str, Any] | None = None, overrides: dict[str, An
             values[name] = _coerce(name, value)
     settings = Settings(**values)
     settings.temporal_weights()
-    for name in ("loop_n", "steps", "batch_size", "n_iter", "extract_nth_frame", "max_batch"):
-        minimum = 0 if name == "loop_n" else 1
+    for name in ("loop_n", "steps", "batch_size", "n_iter", "extract_nth_frame", "max_batch", "mask_blur",
+                 "inpaint_full_res_padding"):
+        minimum = 0 if name in ("loop_n", "mask_blur", "inpaint_full_res_padding") else 1
         if getattr(settings, name) < minimum:
             raise VlrtError(f"setting {name} = {getattr(settings, name)} must be at least {minimum}")
+    if not 0 <= settings.mask_threshold <= 255:
+        raise VlrtError(f"setting mask_threshold = {settings.mask_threshold} must be a grey level from 0 to 255")
     if settings.max_frames is not None and settings.max_frames < 1:
         raise VlrtError(f"setting max_frames = {settings.max_frames} must be at least 1")
     return settings

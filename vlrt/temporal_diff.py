@@ -19,6 +19,7 @@ from vlrt.io.images import list_images
 from vlrt.masks import composite
 
 REFERENCE_SEPARATOR = "!!!"
+DIFFERENCE_METHOD = "with difference mask from reference"
 
 
 def difference_mask(ref_current: np.ndarray, ref_other: np.ndarray, weight: float) -> np.ndarray:
@@ -39,12 +40,18 @@ def difference_mask(ref_current: np.ndarray, ref_other: np.ndarray, weight: floa
 
 
 def diff_mask_blend(
-    frames: Sequence[np.ndarray], refs: Sequence[np.ndarray], weights: Sequence[float], current: int, rounding: str
+    frames: Sequence[np.ndarray],
+    refs: Sequence[Sequence[np.ndarray]],
+    weights: Sequence[float],
+    current: int,
+    rounding: str,
 ) -> np.ndarray:
     """The init image: the mean over window slots j of `composite(current frame, frames[j], mask_j)`.
 
     `frames`, `refs` and `weights` are the window's slots in temporal order (neighbours past the
-    video's ends already dropped), all at render size; `current` is the current frame's slot.
+    video's ends already dropped), all at render size; `refs[j]` holds slot j's frame of every
+    reference folder, and a pixel counts as moving when any reference changed there (with one
+    folder, the extension's rule). `current` is the current frame's slot.
     Weights are not normalised: each is "how much of that neighbour to use where the reference is
     static", and the current slot always gives the current frame. In floor mode the composites are
     Pillow's (rounded) and averaged with the extension's running Pillow blend; in round mode each
@@ -53,7 +60,10 @@ def diff_mask_blend(
     if not len(frames) == len(refs) == len(weights):
         raise ValueError(f"{len(frames)} frames, {len(refs)} references and {len(weights)} weights")
     now = frames[current]
-    masks = [difference_mask(refs[current], ref, w) for ref, w in zip(refs, weights)]
+    masks = [
+        np.maximum.reduce([difference_mask(cur, other, w) for cur, other in zip(refs[current], slot, strict=True)])
+        for slot, w in zip(refs, weights)
+    ]
     if rounding == FLOOR:
         return mean([composite(now, img, m) for img, m in zip(frames, masks)], FLOOR)
     now32 = now.astype(np.float32)
@@ -84,6 +94,8 @@ def reference_lists(spec: str, extract_nth_frame: int, max_frames: int | None, n
                 f"reference frames '{part}' is not a folder: give folders of frames separated by '{REFERENCE_SEPARATOR}'"
             )
         frames = list_images(folder)[::extract_nth_frame][:max_frames]
+        if not frames:
+            raise VlrtError(f"reference folder '{folder}' holds no images: put one reference frame per input frame there")
         if n_frames is not None and len(frames) < n_frames:
             raise VlrtError(
                 f"reference folder '{folder}' has {len(frames)} frames (after extract_nth_frame/max_frames) "

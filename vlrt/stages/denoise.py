@@ -4,7 +4,8 @@ The extension denoised a whole loop folder at once on the GPU, adding unseeded s
 Here frames stream through a 5-frame ring buffer with stage-1 reuse (vlrt.fastdvdnet.streaming),
 the network runs on the executor's engines, and the synthetic noise is a pure function of the
 run's seed, the loop pass and the frame, so the result is deterministic and resumable. The
-alpha channel passes through untouched.
+alpha channel passes through untouched, and a frame with an edit mask (`Frame.meta["mask"]`)
+changes inside it only, unless `whole_frame` asks for the extension's whole-frame behaviour.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from vlrt.engines.base import FASTDVDNET_BLOCK1, FASTDVDNET_BLOCK2
 from vlrt.executor import Executor
 from vlrt.fastdvdnet.streaming import StreamingDenoiser
 from vlrt.frames import Frame
+from vlrt.masks import composite
 from vlrt.noise import generator
 from vlrt.stages.base import Stage
 
@@ -42,6 +44,7 @@ class Denoise(Stage):
         rounding: str,
         max_batch: int,
         noise_seed_of: tuple[int, int] | None = None,
+        whole_frame: bool = False,
         first: int = 0,
     ) -> None:
         """`sigma` is on the 0–255 scale; `noise_seed_of` = (run seed, loop index) adds the extension's
@@ -52,6 +55,7 @@ class Denoise(Stage):
         self.alpha = alpha
         self.rounding = rounding
         self.noise_seed_of = noise_seed_of
+        self.whole_frame = whole_frame
         self.originals: deque[Frame] = deque()
         self.ready: deque[torch.Tensor] = deque()
         self.max_batch = max_batch
@@ -86,5 +90,9 @@ class Denoise(Stage):
             denoised = self.ready.popleft().permute(1, 2, 0).numpy() * 255.0
             original = self.originals.popleft()
             den8 = blend.quantise(denoised, self.rounding)
-            out.append(original.with_image(blend.blend(original.image, den8, self.alpha, self.rounding)))
+            mixed = blend.blend(original.image, den8, self.alpha, self.rounding)
+            mask = original.meta.get("mask")
+            if mask is not None and not self.whole_frame:
+                mixed = composite(mixed, original.image, mask)
+            out.append(original.with_image(mixed))
         return out

@@ -1,16 +1,23 @@
-"""One loopback pass over the video, streaming (SPEC.md §2.2–§2.5).
+"""One loopback pass over the video, streaming (SPEC.md §2.2–§2.5, §2.7).
 
 For frame f of pass L: the init image is the temporal blend of this pass's input frames
-f−h … f+h (weights truncated at the ends of the video and renormalised); SD runs on it
-`n_iter × batch_size` times; the samples are averaged (batch blend); the mean is superimposed on
-this pass's unblended input frame f with weight α; the post-processing filter, if any, runs last.
+f−h … f+h (weights truncated at the ends of the video and renormalised, or the difference-mask
+method); SD runs on it `n_iter × batch_size` times; the samples are averaged (batch blend),
+colour-corrected when asked, and superimposed on this pass's unblended input frame f with weight
+α; the post-processing filter, if any, runs last.
+
+With a mask (`Frame.meta["mask"]`, 255 = change) the frame is inpainted (vlrt.inpaint), and
+outside the mask the frame stays this pass's input exactly: the temporal blend, the superimpose
+and the post-processing filter act inside the mask only (the filter on the whole frame with
+`post_process_outside_mask`, the extension's way). A frame whose mask is empty is not sent to SD.
+
 The pass starts frame f as soon as its input f+h has arrived (or the stream has ended), so the
 next pass can start while this one is still running.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -19,17 +26,23 @@ from vlrt import blend
 from vlrt.errors import VlrtError
 from vlrt.executor import Executor
 from vlrt.frames import Frame
+from vlrt.inpaint import InpaintOptions, InpaintPlan, plan_inpaint
 from vlrt.jobs import Img2ImgJob
+from vlrt.masks import composite
 from vlrt.models import Model
 from vlrt.params import FrameParams, ParamResolver
+from vlrt.prompt_files import frame_prompts
 from vlrt.samplers import make_scheduler
+from vlrt.settings import Settings
 from vlrt.stages.base import Stage
+from vlrt.temporal_diff import DIFFERENCE_METHOD, diff_mask_blend
 
 
 @dataclass
 class _Request:
     params: FrameParams
-    jobs: list[Img2ImgJob]
+    jobs: list[Img2ImgJob]  # none when the mask leaves nothing to change
+    inpaint: InpaintPlan | None
 
     @property
     def done(self) -> bool:
@@ -43,24 +56,26 @@ class LoopPass(Stage):
         self,
         loop_index: int,
         *,
+        settings: Settings,
         model: Model,
-        sampler_name: str,
         resolver: ParamResolver,
         executor: Executor,
         in_flight: int,
-        rounding: str,
         first: int = 0,
     ) -> None:
         super().__init__(first)
         self.loop_index = loop_index
         self.name = f"loop pass {loop_index + 1}"
+        self.settings = settings
         self.model = model
-        self.sampler_name = sampler_name
         self.resolver = resolver
         self.executor = executor
         self.radius = self.reach = len(resolver.base_weights) // 2
         self.in_flight = max(1, in_flight)
-        self.rounding = rounding
+        self.rounding = settings.blend_rounding
+        self.inpaint = InpaintOptions(
+            settings.mask_blur, settings.inpainting_fill, settings.inpaint_full_res, settings.inpaint_full_res_padding
+        )
         self.inputs: dict[int, Frame] = {}
         self.requests: dict[int, _Request] = {}
         self.next_start = first
@@ -90,12 +105,22 @@ class LoopPass(Stage):
         return self.closed or f + self.radius < self.received
 
     def _start(self, f: int) -> None:
+        frame = self.inputs[f]
         params = self.resolver(f, self.loop_index)
-        init = self._init_image(f, params.temporal_weights)
-        jobs = self._jobs(init, params)
+        if "prompts" in frame.meta:
+            prompt, negative = frame_prompts(frame.meta["prompts"], (params.prompt, params.negative_prompt))
+            params = replace(params, prompt=prompt, negative_prompt=negative)
+        mask = frame.meta.get("mask")
+        jobs, plan = [], None
+        if mask is None or mask.any():
+            init = self._init_image(f, params.temporal_weights)
+            if mask is not None:
+                init = composite(init, frame.image, mask)  # the temporal blend acts inside the mask only
+                plan = plan_inpaint(init, mask, self.inpaint, self.model.vae_scale_factor)
+            jobs = self._jobs(init if plan is None else plan.sd_image, params, plan)
         for job in jobs:
             self.executor.submit(job)
-        self.requests[f] = _Request(params, jobs)
+        self.requests[f] = _Request(params, jobs, plan)
 
     def _init_image(self, f: int, weights: tuple[float, ...]) -> np.ndarray:
         """The temporal blend of this pass's inputs around f, neighbours past either end dropped."""
@@ -105,9 +130,13 @@ class LoopPass(Stage):
         last = self.received - 1 if self.closed else f + h
         offsets = [d for d in range(-h, h + 1) if self.first <= f + d <= last]
         frames = [self.inputs[f + d].image for d in offsets]
-        return blend.temporal_simple(frames, [weights[h + d] for d in offsets], offsets.index(0), self.rounding)
+        slot_weights = [weights[h + d] for d in offsets]
+        if self.settings.temporal_superimpose_method == DIFFERENCE_METHOD:
+            refs = [self.inputs[f + d].meta["reference"] for d in offsets]
+            return diff_mask_blend(frames, refs, slot_weights, offsets.index(0), self.rounding)
+        return blend.temporal_simple(frames, slot_weights, offsets.index(0), self.rounding)
 
-    def _jobs(self, init: np.ndarray, params: FrameParams) -> list[Img2ImgJob]:
+    def _jobs(self, init: np.ndarray, params: FrameParams, plan: InpaintPlan | None) -> list[Img2ImgJob]:
         cond = self.model.encode_prompt(params.prompt)
         uncond = self.model.encode_prompt(params.negative_prompt)
         return [
@@ -116,25 +145,40 @@ class LoopPass(Stage):
                 cond,
                 uncond,
                 guidance=params.cfg_scale,
-                scheduler=make_scheduler(self.sampler_name, self.model.scheduler_config, params.steps),
+                scheduler=make_scheduler(self.settings.sampler_name, self.model.scheduler_config, params.steps),
                 strength=params.denoising_strength,
                 seed=seed,
                 subseed=subseed,
                 subseed_strength=params.subseed_strength,
                 scaling_factor=self.model.scaling_factor,
                 shift_factor=self.model.shift_factor,
+                latent_mask=None if plan is None else plan.latent_mask,
+                fill=self.inpaint.inpainting_fill,
             )
             for seed, subseed in params.sample_seeds()
         ]
 
     def _finish(self, f: int, request: _Request) -> Frame:
-        """Batch blend, superimpose on the unblended input, then the post-processing filter."""
+        """Batch blend, colour correction, superimpose on the unblended input, then the post-processing filter."""
         base = self.inputs[f]
         params = request.params
-        sd = blend.mean([job.result for job in request.jobs], self.rounding)
-        out = blend.blend(base.image, sd, params.superimpose_alpha, self.rounding)
+        mask = base.meta.get("mask")
+        out = base.image
+        if request.jobs:
+            results = [job.result for job in request.jobs]
+            if request.inpaint is not None:
+                results = [request.inpaint.paste_back(r) for r in results]
+            sd = blend.mean(results, self.rounding)
+            anchor = base.meta.get("color_anchor")
+            if anchor is not None:
+                sd = anchor.match(sd)
+            out = blend.blend(base.image, sd, params.superimpose_alpha, self.rounding)
+            if mask is not None:
+                out = composite(out, base.image, mask)
         if params.post_process is not None:
             out = _post_process(out, params, f, self.loop_index)
+            if mask is not None and not self.settings.post_process_outside_mask:
+                out = composite(out, base.image, mask)
         return base.with_image(out)
 
 

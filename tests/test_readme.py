@@ -1,0 +1,69 @@
+"""The README is the user's manual: every command and option it names exists, and a test or `make demo` drives it."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from vlrt.cli import build_parser
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+# Options of other programs the README shows (pip), and words that only look like options: the
+# naming rule for options and the prompt files' separator.
+FOREIGN = {"--index-url", "--extra-index-url", "--help", "--kebab-case", "--neg"}
+
+
+def _readme_options() -> set[str]:
+    found = set()
+    for line in README.splitlines():
+        if "pip install" in line or "make setup" in line:
+            continue
+        found.update(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line))
+    return found - FOREIGN
+
+
+def _readme_commands() -> set[str]:
+    return set(re.findall(r"\bvlrt (render|preview|export|denoise|report|doctor|bench)\b", README))
+
+
+def _parser_options() -> dict[str, set[str]]:
+    """Each subcommand's option strings."""
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()}
+
+
+def _exercised() -> str:
+    """Everything that drives vlrt: the tests and `make demo` with its preset."""
+    texts = [p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("*.py") if p.name != "test_readme.py"]
+    texts += [(ROOT / "Makefile").read_text(), *(p.read_text() for p in (ROOT / "presets").glob("*.toml"))]
+    return "\n".join(texts)
+
+
+def test_every_readme_option_is_an_option_of_vlrt():
+    known = set().union(*_parser_options().values())
+    assert _readme_options() - known == set()
+    assert {"render", "preview", "export", "denoise", "report", "doctor", "bench"} <= _readme_commands()
+
+
+def test_every_readme_command_and_option_is_driven_by_a_test_or_the_demo():
+    corpus = _exercised()
+    untested = []
+    for option in sorted(_readme_options()):
+        name = option[2:].removeprefix("no-").replace("-", "_")
+        if not any(form in corpus for form in (f'"{option}"', f"'{option}'", f"{name}=", f'"{name}"', f"{name} =")):
+            untested.append(option)
+    assert untested == []
+    for command in _readme_commands():
+        assert f'"{command}"' in corpus or f"vlrt {command}" in corpus, command
+
+
+def test_every_setting_is_in_the_readme_parameter_table():
+    from dataclasses import fields
+
+    from vlrt.settings import Settings
+
+    table = "\n".join(line for line in README.splitlines() if line.startswith("| `"))
+    assert [f.name for f in fields(Settings) if f"`{f.name}`" not in table] == []

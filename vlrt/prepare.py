@@ -1,0 +1,100 @@
+"""The prepare step between the source and the first loop pass (DESIGN.md §2).
+
+Everything a frame needs in every loop pass is attached to it once, here, from the ORIGINAL
+input frame, and travels with it in `Frame.meta` (`Frame.with_image` keeps meta):
+
+- the picture at render size (`resize_mode`, alpha kept);
+- "mask": the binary edit mask (255 = change), inverted with `inpainting_mask_invert`, when
+  `use_mask` is on (so masks match the original frames in every pass, unlike the extension);
+- "reference": the frame's picture in every reference folder, at render size, for the
+  difference-mask temporal method (the original frame itself when no folder is given);
+- "prompts": the (prompt, negative prompt) of `<frame>.txt`, with `read_prompt_from_txt`;
+- "color_anchor": the colour distribution the SD results are matched to (`color_correction`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vlrt.color import ColorAnchor
+from vlrt.errors import VlrtError
+from vlrt.frames import Frame
+from vlrt.io.images import read_image
+from vlrt.io.sources import SourceInfo
+from vlrt.masks import MaskSource, invert_mask
+from vlrt.prompt_files import read_prompt_file
+from vlrt.resize import resize_frame, resize_plane
+from vlrt.settings import Settings
+from vlrt.temporal_diff import DIFFERENCE_METHOD, reference_lists
+
+
+class Preparer:
+    """Prepares the frames of one input for one render at width×height."""
+
+    def __init__(self, settings: Settings, info: SourceInfo, width: int, height: int) -> None:
+        self.settings, self.width, self.height = settings, width, height
+        self.masks = None
+        if settings.use_mask:
+            step = 1 if settings.is_continue else settings.extract_nth_frame
+            self.masks = MaskSource(
+                settings.mask_directory, settings.mask_threshold, width, height, settings.resize_mode,
+                settings.missing_mask, frame_step=step,
+            )
+        self.uses_references = settings.temporal_superimpose_method == DIFFERENCE_METHOD
+        exact_count = info.frame_count if info.kind in ("folder", "image") else None
+        self.reference_paths = reference_lists(
+            settings.reference_frames_directory, settings.extract_nth_frame, settings.max_frames, exact_count
+        ) if self.uses_references else []
+        if settings.read_prompt_from_txt and info.kind != "folder":
+            raise VlrtError(
+                "read_prompt_from_txt needs an image-folder input (the prompt files sit beside the frames): "
+                "extract the frames into a folder, or turn it off"
+            )
+        self.first_anchor: ColorAnchor | None = None
+
+    def frames(self, frames: Iterator[Frame], first: int = 0) -> Iterator[Frame]:
+        """The prepared frames from index `first` on (frame 0 is still seen: it anchors `first` colours)."""
+        for frame in frames:
+            if frame.index == 0 and self.settings.color_correction == "first":
+                self.first_anchor = ColorAnchor(self._resized(frame).image)
+            if frame.index >= first:
+                yield self(frame)
+
+    def __call__(self, frame: Frame) -> Frame:
+        frame = self._resized(frame)
+        meta = dict(frame.meta)
+        if self.masks is not None:
+            mask = self.masks.mask_for(frame)
+            meta["mask"] = invert_mask(mask) if self.settings.inpainting_mask_invert else mask
+        if self.uses_references:
+            meta["reference"] = self._references(frame)
+        if self.settings.read_prompt_from_txt:
+            meta["prompts"] = read_prompt_file(meta["path"])
+        if self.settings.color_correction == "original":
+            meta["color_anchor"] = ColorAnchor(frame.image)
+        elif self.settings.color_correction == "first":
+            meta["color_anchor"] = self.first_anchor
+        return replace(frame, meta=meta)
+
+    def _resized(self, frame: Frame) -> Frame:
+        return resize_frame(frame, self.width, self.height, self.settings.resize_mode)
+
+    def _references(self, frame: Frame) -> tuple[np.ndarray, ...]:
+        """The frame's picture in every reference folder (the frame itself when there is none)."""
+        if not self.reference_paths:
+            return (frame.image,)
+        refs = []
+        for paths in self.reference_paths:
+            if frame.index >= len(paths):
+                raise VlrtError(
+                    f"reference folder '{Path(paths[0]).parent}' has {len(paths)} frames but the input has more "
+                    f"(frame {frame.index + 1}): give a reference frame for every input frame"
+                )
+            rgb, _ = read_image(paths[frame.index])
+            refs.append(np.asarray(resize_plane(Image.fromarray(rgb), self.width, self.height, self.settings.resize_mode)))
+        return tuple(refs)
