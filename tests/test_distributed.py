@@ -5,7 +5,8 @@ and resumed; Ray is started and stopped, or joined; bad requests are one clear l
 The renders share one local Ray instance with 2 CPUs (started once: it takes seconds), except the
 tests of `--ray auto`, which start their own, and of `--ray ADDRESS`, which join the shared one
 from another process. The clip is 30 frames of 32×32 with loop_n 3, a 3-tap temporal list and
-FastDVDNet after every pass (reach 3 × (1 + 2) = 9 frames), the demo model with one UNet step.
+FastDVDNet after every pass (reach 3 × (1 + 2) = 9 frames), the demo model with one UNet step, and
+colours matched to the first frame (which every segment must then read, halo or not).
 `--max-batch 1`: on the CPU a batched UNet call can round a row differently from the same row in a
 batch of another size, and a segment's batches start at other frames than one render's (the same
 reason as in test_resume.py); this suite checks what segmenting itself guarantees.
@@ -37,7 +38,7 @@ FRAMES, SIZE = 30, (32, 32)
 RENDER = [
     "--model", "demo", "--backend", "torch", "--loop-n", "3", "--steps", "2", "--denoising-strength", "0.5",
     "--temporal-superimpose-alpha-list", "0.25,0.5,0.25", "--video-post-process-method", "fastdvdnet",
-    "--seed", "7", "--cfg-scale", "1", "--max-batch", "1",
+    "--seed", "7", "--cfg-scale", "1", "--max-batch", "1", "--color-correction", "first",
 ]
 REACH = 9
 
@@ -243,7 +244,7 @@ def test_more_segments_than_frames_render_one_segment_per_frame(ray_cluster, tmp
     frames.mkdir()
     for i, picture in enumerate(sample_frames(4, SIZE)):
         av.VideoFrame.from_ndarray(picture, format="rgb24").to_image().save(frames / f"{i:04d}.png")
-    base = ["--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2",
+    base = ["--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2", "--denoising-strength", "0.5",
             "--temporal-superimpose-alpha-list", "0.2,0.6,0.2", "--max-batch", "1"]
     args = [*base, "--seed", "3"]
     assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'one'}/", *args, "--quiet"]) == 0
