@@ -28,7 +28,7 @@ from conftest import read_frames
 
 from vlrt.cli import main
 from vlrt.demo.clip import sample_frames, write_sample_clip
-from vlrt.distributed import import_ray
+from vlrt.distributed import import_ray, start_local_ray
 from vlrt.io.parts import parts_folder
 from vlrt.io.segment_parts import segment_folder
 from vlrt.io.sources import open_source
@@ -47,8 +47,7 @@ REACH = 9
 def ray_cluster():
     """One local Ray instance with 2 CPUs for this module; yields its address."""
     ray = import_ray(local=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-             object_store_memory=128 * 2**20)
+    start_local_ray(ray, 2)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -275,3 +274,14 @@ def test_onnx_engines_are_built_once_before_the_segments_and_only_loaded_by_them
     assert len([p for p in engines.iterdir() if not p.name.startswith(".")]) == 3
     assert main(["render", *args, "-o", f"{tmp_path / 'one'}/", "--quiet"]) == 0
     assert_same_frames(read_frames(tmp_path / "seg"), read_frames(tmp_path / "one"))
+
+
+def test_an_error_in_one_segment_stops_the_render_in_one_line_and_leaves_no_video(ray_cluster, clip, tmp_path, capsys):
+    # Only the last segment (frames 20-29; the second one reads up to frame 28) reaches frame 29.
+    out = tmp_path / "out.mp4"
+    schedule = "0.5 if image_i < 30 else 'x'"
+    assert main(["render", str(clip), "-o", str(out), *RENDER, "--segments", "3", "--denoising-schedule", schedule]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("vlrt: error: segment 3 (frames 20-29): ") and "denoising" in err[0]
+    assert not out.exists()
+    assert "complete = false" in (tmp_path / "out.mp4.settings.toml").read_text()

@@ -155,20 +155,29 @@ SEGMENT_SETTINGS = dict(model="demo", backend="torch", loop_n=2, steps=4, denois
 
 
 def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: int = 2) -> dict:
-    """Wall time of one render in one process, and on a local Ray instance in 1 and in 2 segments,
-    alternated (best of `repeats`); the frames each rendered (VAE encodes per pass: `max_batch` 1
-    makes them one call each) and the largest difference from the one-process frames."""
-    from vlrt.distributed import import_ray, render_segments
+    """Wall time of one render in one process on one thread, and on a local Ray instance in 1 and in
+    2 segments (one thread each), alternated (best of `repeats`, after a warm-up of Ray's workers);
+    the frames each rendered (VAE encodes per pass: `max_batch` 1 makes them one call each) and the
+    largest difference from the one-process frames."""
+    from vlrt.distributed import import_ray, render_segments, start_local_ray
     from vlrt.pipeline import render
 
     settings = build_settings(overrides=SEGMENT_SETTINGS)
     ray = import_ray(local=True)
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR", object_store_memory=128 * 2**20)
+    start_local_ray(ray, os.cpu_count() or 1)
     startup = time.perf_counter() - started
+
+    def one_thread(out: str):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each segment task computes
+        try:
+            return render(settings, str(clip), out, quiet=True)
+        finally:
+            torch.set_num_threads(threads)
+
     runs = {
-        "one process, no Ray": lambda out: render(settings, str(clip), out, quiet=True),
+        "one process, no Ray": one_thread,
         "Ray, 1 segment": lambda out: render_segments(settings, str(clip), out, segments=1, quiet=True),
         "Ray, 2 segments": lambda out: render_segments(settings, str(clip), out, segments=2, quiet=True),
     }
@@ -178,20 +187,22 @@ def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: 
         with tempfile.TemporaryDirectory() as tmp:
             clip = _write_clip(Path(tmp) / "clip.mkv", frames, size)
             outputs = {name: f"{tmp}/out{i}/" for i, name in enumerate(runs)}
-            for name, run in runs.items():  # warm-up: Ray's workers, imports, caches
-                run(outputs[name])
+            for name, run in runs.items():  # warm-up: Ray's workers and their imports
+                if name.startswith("Ray"):
+                    run(outputs[name])
             for _ in range(repeats):
                 for name, run in runs.items():
                     started = time.perf_counter()
                     result = run(outputs[name])
                     times[name] = min(times[name], time.perf_counter() - started)
                     rendered[name] = result.engine_calls["vae_encoder"] // settings.loop_n
-            reference = _pngs(outputs["one process, no Ray"])
+            reference = _pngs(next(iter(outputs.values())))
             for name in runs:
                 diffs[name] = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(_pngs(outputs[name]), reference))
     finally:
         ray.shutdown()
-    return {"frames": frames, "startup": startup, "seconds": times, "rendered": rendered, "max_diff": diffs}
+    return {"frames": frames, "startup": startup, "seconds": times, "rendered": rendered, "max_diff": diffs,
+            "load": os.getloadavg()}
 
 
 def _pngs(folder: str) -> list:
@@ -259,12 +270,13 @@ def run(sections: list[str], out: Callable[[str], None] = print) -> None:
         r = bench_segments()
         one = r["seconds"]["Ray, 1 segment"]
         out(f"## Segments on a local Ray instance ({os.cpu_count()} CPUs; demo model, {r['frames']} frames 64×64, loop_n 2, "
-            "3-tap temporal, FastDVDNet: reach 6; max_batch 1)\n")
+            "3-tap temporal, FastDVDNet: reach 6; max_batch 1; one thread per process or task)\n")
         rows = [(name, f"{s:.1f}", f"{one / s:.2f}×", r["rendered"][name], f"{r['rendered'][name] / r['frames'] - 1:.1%}",
                  r["max_diff"][name]) for name, s in r["seconds"].items()]
         out(table(rows, ("configuration", "wall (s)", "speed vs 1 segment", "frames rendered", "halo / total",
                          "max diff vs one process")))
-        out(f"\nRay start-up (once, not in the times above): {r['startup']:.1f} s\n")
+        out(f"\nRay start-up (once, not in the times above): {r['startup']:.1f} s; load average at the end: "
+            f"{' '.join(f'{x:.1f}' for x in r['load'])}\n")
     if "soak" in sections:
         soak = ("render", "--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2",
                 "--denoising-strength", "0.5", "--seed", "1")

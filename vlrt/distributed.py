@@ -59,6 +59,7 @@ REPORT_EVERY_S = 0.5
 CONNECT_TIMEOUT_S = 10
 # A local instance carries no frames in its object store (they go through files): keep it small.
 LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
+QUIET = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
 
 
 def render_segments(
@@ -84,10 +85,9 @@ def render_segments(
     progress = Progress(None, segments, quiet, parts_label="S")
     started = time.perf_counter()
     with _connected(ray, ray_address):
-        gpus = _gpus_per_task(ray, gpus_per_segment, settings.device)
-        options = _task_options(ray, 1, gpus)
-        prepared, messages = _get(ray, ray.remote(_prepare).options(**options).remote(settings, input_spec, options["num_cpus"]),
-                                  "preparing the render")
+        options = dict(num_cpus=1, num_gpus=_gpus_per_task(ray, gpus_per_segment, settings.device),
+                       max_retries=RETRIES, retry_exceptions=False)
+        prepared, messages = _get(ray, ray.remote(_prepare).options(**options).remote(settings, input_spec), "preparing the render")
         for message in messages:
             progress.log(message)
         settings = prepared.settings
@@ -99,7 +99,7 @@ def render_segments(
         todo = [s for s in plan if not _finished(output_spec, s)] if resume else plan
         if resume:
             progress.log(f"vlrt: resuming: {len(plan) - len(todo)} of {len(plan)} segments are finished")
-        calls = _run(ray, _task_options(ray, len(todo), gpus), settings, input_spec, output_spec, prepared.fps, todo, progress)
+        calls = _run(ray, options, settings, input_spec, output_spec, prepared.fps, todo, progress)
     if not is_folder_output(output_spec):
         join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio)
     write_settings(settings, input_spec, output_spec, prepared.frames)
@@ -110,9 +110,8 @@ def render_segments(
 
 def import_ray(local: bool) -> Any:
     """Ray, or a one-line error saying how to install it. A `local` instance listens on the loopback
-    address only; no Ray process started from here reports usage, and Ray's own logging says only errors."""
+    address only, and no Ray process started from here reports usage."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ core: only errors on standard error
     if local:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # read when ray is imported
     try:
@@ -146,15 +145,14 @@ def _connected(ray: Any, address: str) -> Iterator[None]:
     try:
         if address != "auto":
             _check_reachable(address)
-        quiet = dict(logging_level=logging.ERROR, log_to_driver=False, include_dashboard=False)
         if reuse:
             current = ray.get_runtime_context().gcs_address
             if address not in ("auto", current):
                 raise RuntimeError(f"this process is already connected to Ray at {current}")
         elif address == "auto":
-            ray.init(address="local", num_cpus=os.cpu_count(), object_store_memory=LOCAL_OBJECT_STORE_BYTES, **quiet)
+            start_local_ray(ray, os.cpu_count() or 1)
         else:
-            ray.init(address=address, **quiet)
+            ray.init(address=address, **QUIET)
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlrtError(f"cannot connect to Ray at {address!r} ({reason}): start the cluster (ray start --head), "
@@ -164,6 +162,11 @@ def _connected(ray: Any, address: str) -> Iterator[None]:
     finally:
         if not reuse:
             ray.shutdown()  # stops a local instance; leaves a cluster running
+
+
+def start_local_ray(ray: Any, cpus: int) -> None:
+    """Start a local Ray instance with `cpus` CPUs (and the GPUs Ray finds) and connect to it, quietly."""
+    ray.init(address="local", num_cpus=cpus, object_store_memory=LOCAL_OBJECT_STORE_BYTES, **QUIET)
 
 
 def _check_reachable(address: str) -> None:
@@ -183,16 +186,6 @@ def _gpus_per_task(ray: Any, asked: float | None, device: str) -> float:
         raise VlrtError(f"--gpus-per-segment {asked:g}: the Ray cluster has {available:g} GPUs; "
                         "ask for at most that many (0 renders on CPUs)")
     return asked
-
-
-def _task_options(ray: Any, tasks: int, gpus: float) -> dict[str, Any]:
-    """Ray options for `tasks` tasks that run at once: the cluster's CPUs shared between them (at most
-    one node's each), `gpus` GPUs each, retried when their worker dies."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    per_node = max(int(r.get("CPU", 0)) for r in nodes)
-    total = sum(int(r.get("CPU", 0)) for r in nodes)
-    cpus = max(1, min(per_node, total // max(1, tasks)))
-    return dict(num_cpus=cpus, num_gpus=gpus, max_retries=RETRIES, retry_exceptions=False)
 
 
 def _describe(plan: list[Segment], asked: int, reach: int, progress: Progress) -> None:
@@ -232,8 +225,7 @@ def _run(
     counter = ray.remote(num_cpus=0)(FrameCounter).remote()
     task = ray.remote(_render_segment).options(**options)
     hook = os.environ.get(TEST_KILL_ENV)
-    threads = int(options["num_cpus"])
-    pending = {task.remote(settings, input_spec, output_spec, s, fps, counter, threads, hook): s for s in todo}
+    pending = {task.remote(settings, input_spec, output_spec, s, fps, counter, hook): s for s in todo}
     progress.set_total(sum(s.frames for s in todo))
     calls: dict[str, int] = {}
     finished: dict[int, int] = {}
@@ -293,11 +285,9 @@ class SegmentResult:
     messages: list[str] = field(default_factory=list)
 
 
-def _prepare(settings: Settings, input_spec: str, threads: int) -> tuple[PreparedRender, list[str]]:
+def _prepare(settings: Settings, input_spec: str) -> tuple[PreparedRender, list[str]]:
     """The preparation task: `pipeline.prepare_render`, and what it had to say."""
-    import torch
-
-    torch.set_num_threads(threads)
+    _one_thread()
     messages: list[str] = []
     model = load_model(settings.model, pick_device(settings.device))
     return prepare_render(settings, input_spec, model=model, log=messages.append), messages
@@ -305,12 +295,10 @@ def _prepare(settings: Settings, input_spec: str, threads: int) -> tuple[Prepare
 
 def _render_segment(
     settings: Settings, input_spec: str, output_spec: str, segment: Segment, fps: Fraction, counter: Any,
-    threads: int, kill_hook: str | None,
+    kill_hook: str | None,
 ) -> SegmentResult:
     """One segment's task: render its frames into the output; a video file's share is sealed when whole."""
-    import torch
-
-    torch.set_num_threads(threads)
+    _one_thread()
     model = load_model(settings.model, pick_device(settings.device))
     sink = open_sink(output_spec, fps=fps, codec=settings.codec, crf=settings.crf, lossless=settings.lossless,
                      segment=(segment.start, segment.stop))
@@ -345,6 +333,14 @@ def _render_segment(
         raise
     counter.report.remote(segment.index, written)
     return SegmentResult(calls, messages)
+
+
+def _one_thread() -> None:
+    """A task asks Ray for one CPU, so it computes on one thread: more segments use more cores, and
+    threads of tasks sharing cores do not wait on each other (torch's thread pool on a busy machine can)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _test_kill(hook: str, segment: int) -> None:

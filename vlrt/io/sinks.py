@@ -6,8 +6,10 @@ frame, so encoding overlaps inference, and an encoder error comes back from the 
 file is encoded in whole parts in a hidden folder beside the target (`vlrt.io.parts`),
 joined by `close()` under a temporary name and renamed onto the target; a kill or `abort()`
 leaves the whole parts, so `--resume` continues after them. PNG frames are each written to a
-temporary name and renamed, so a folder only ever holds whole frames. Codec choices are in
-`vlrt.io.encoding`.
+temporary name and renamed, so a folder only ever holds whole frames. In a segment-parallel
+render each task writes its segment's share of a video file with `SegmentSink` (whole parts,
+sealed once complete: `vlrt.io.segment_parts`) and the driver joins them with `join_video`.
+Codec choices are in `vlrt.io.encoding`.
 """
 
 from __future__ import annotations
