@@ -13,7 +13,8 @@ folder, the model and the engine cache (`--engines`) at the same paths. Then:
    file seeks) and gives only the segment's own frames. A task writes them straight into the output:
    PNGs into an output folder, or for a video file the segment's parts (`vlrt.io.segment_parts`),
    which count only once the whole segment is sealed.
-3. The tasks report their frame counts to a small actor; the driver shows one progress bar.
+3. The tasks report their frame counts to a small actor (`vlrt.segment_progress`); the driver shows
+   one progress bar.
 4. For a video file the driver joins the segments' parts in order without re-encoding and muxes the
    source's sound once (`vlrt.io.sinks.join_video`).
 
@@ -50,6 +51,7 @@ from vlrt.models import load_model
 from vlrt.pipeline import PreparedRender, RenderResult, concrete_seeds, pick_device, pipeline_reach, prepare_render, render_span
 from vlrt.progress import Progress
 from vlrt.run_state import is_folder_output, resume_settings, write_settings
+from vlrt.segment_progress import FrameCounter
 from vlrt.segments import Segment, halo_overhead, split
 from vlrt.settings import Settings
 
@@ -264,19 +266,6 @@ def _get(ray: Any, ref: Any, what: str) -> Any:
             f"{what} failed {RETRIES + 1} times ({type(exc).__name__}: {reason}); finished segments are kept: "
             "fix the cause (memory? a lost node?) and run the same command with --resume"
         ) from None
-
-
-class FrameCounter:
-    """Frames finished per segment, as the tasks report them (a retried segment starts again from 0)."""
-
-    def __init__(self) -> None:
-        self.done: dict[int, int] = {}
-
-    def report(self, segment: int, frames: int) -> None:
-        self.done[segment] = frames
-
-    def frames(self) -> dict[int, int]:
-        return self.done
 
 
 @dataclass
