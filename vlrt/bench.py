@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vlrt.frames import Frame
@@ -149,13 +150,74 @@ def bench_color_drift(modes: tuple[str, ...] = ("none", "original", "first"), lo
     return drift
 
 
+SEGMENT_SETTINGS = dict(model="demo", backend="torch", loop_n=2, steps=4, denoising_strength=0.5, seed=1, cfg_scale=5.0,
+                        temporal_superimpose_alpha_list="0.2,0.6,0.2", video_post_process_method="fastdvdnet", max_batch=1)
+
+
+def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: int = 2) -> dict:
+    """Wall time of one render in one process on one thread, and on a local Ray instance in 1 and in
+    2 segments (one thread each), alternated (best of `repeats`, after a warm-up of Ray's workers);
+    the frames each rendered (VAE encodes per pass: `max_batch` 1 makes them one call each) and the
+    largest difference from the one-process frames."""
+    from vlrt.distributed import import_ray, render_segments, start_local_ray
+    from vlrt.pipeline import render
+
+    settings = build_settings(overrides=SEGMENT_SETTINGS)
+    ray = import_ray(local=True)
+    started = time.perf_counter()
+    start_local_ray(ray, os.cpu_count() or 1)
+    startup = time.perf_counter() - started
+
+    def one_thread(out: str):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as each segment task computes
+        try:
+            return render(settings, str(clip), out, quiet=True)
+        finally:
+            torch.set_num_threads(threads)
+
+    runs = {
+        "one process, no Ray": one_thread,
+        "Ray, 1 segment": lambda out: render_segments(settings, str(clip), out, segments=1, quiet=True),
+        "Ray, 2 segments": lambda out: render_segments(settings, str(clip), out, segments=2, quiet=True),
+    }
+    times = {name: float("inf") for name in runs}
+    rendered, diffs = {}, {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            clip = _write_clip(Path(tmp) / "clip.mkv", frames, size)
+            outputs = {name: f"{tmp}/out{i}/" for i, name in enumerate(runs)}
+            for name, run in runs.items():  # warm-up: Ray's workers and their imports
+                if name.startswith("Ray"):
+                    run(outputs[name])
+            for _ in range(repeats):
+                for name, run in runs.items():
+                    started = time.perf_counter()
+                    result = run(outputs[name])
+                    times[name] = min(times[name], time.perf_counter() - started)
+                    rendered[name] = result.engine_calls["vae_encoder"] // settings.loop_n
+            reference = _pngs(next(iter(outputs.values())))
+            for name in runs:
+                diffs[name] = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(_pngs(outputs[name]), reference))
+    finally:
+        ray.shutdown()
+    return {"frames": frames, "startup": startup, "seconds": times, "rendered": rendered, "max_diff": diffs,
+            "load": os.getloadavg()}
+
+
+def _pngs(folder: str) -> list:
+    from PIL import Image
+
+    return [np.asarray(Image.open(p)) for p in sorted(Path(folder).glob("*.png"))]
+
+
 def table(rows: list[tuple], header: tuple) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color")
+SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments")
 
 
 def run(sections: list[str], out: Callable[[str], None] = print) -> None:
@@ -204,6 +266,17 @@ def run(sections: list[str], out: Callable[[str], None] = print) -> None:
         rows = [(mode, *(f"{d[p - 1]:.2f}" for p in passes)) for mode, d in drift.items()]
         out(table(rows, ("color_correction", *(f"after pass {p}" for p in passes))))
         out(f"\nafter pass 8: original / none = {drift['original'][-1] / drift['none'][-1]:.3f}\n")
+    if "segments" in sections:
+        r = bench_segments()
+        one = r["seconds"]["Ray, 1 segment"]
+        out(f"## Segments on a local Ray instance ({os.cpu_count()} CPUs; demo model, {r['frames']} frames 64×64, loop_n 2, "
+            "3-tap temporal, FastDVDNet: reach 6; max_batch 1; one thread per process or task)\n")
+        rows = [(name, f"{s:.1f}", f"{one / s:.2f}×", r["rendered"][name], f"{r['rendered'][name] / r['frames'] - 1:.1%}",
+                 r["max_diff"][name]) for name, s in r["seconds"].items()]
+        out(table(rows, ("configuration", "wall (s)", "speed vs 1 segment", "frames rendered", "halo / total",
+                         "max diff vs one process")))
+        out(f"\nRay start-up (once, not in the times above): {r['startup']:.1f} s; load average at the end: "
+            f"{' '.join(f'{x:.1f}' for x in r['load'])}\n")
     if "soak" in sections:
         soak = ("render", "--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2",
                 "--denoising-strength", "0.5", "--seed", "1")

@@ -69,13 +69,23 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _render(args: argparse.Namespace) -> int:
-    from vlrt.pipeline import render
-
     preview = Path(args.preview) if args.preview else None
     if args.report and args.output == "-":
         raise VlrtError("--report needs a file or folder output to read back; drop --report when writing to a pipe")
     settings = settings_from_args(args)
-    render(settings, args.input, args.output, quiet=args.quiet, preview=preview, resume=args.resume)
+    if args.segments is not None:
+        from vlrt.distributed import render_segments
+
+        if preview is not None:
+            raise VlrtError("--preview is not made by segmented renders: drop --preview, or use 'vlrt preview'")
+        render_segments(settings, args.input, args.output, segments=args.segments, ray_address=args.ray or "auto",
+                        gpus_per_segment=args.gpus_per_segment, quiet=args.quiet, resume=args.resume)
+    else:
+        from vlrt.pipeline import render
+
+        if args.ray is not None or args.gpus_per_segment is not None:
+            raise VlrtError("--ray and --gpus-per-segment apply only to segmented renders: add --segments N")
+        render(settings, args.input, args.output, quiet=args.quiet, preview=preview, resume=args.resume)
     if args.report:
         from vlrt.report import format_summary, report_beside_output
 
@@ -219,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also measure the output's flicker against the input (writes <output>.flicker.png/.json)")
     render.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same output with the same settings")
+    scale = render.add_argument_group("segment-parallel rendering on Ray (needs pip install 'vlrt[ray]'; the same frames)")
+    scale.add_argument("--segments", type=int, metavar="N",
+                       help="split the input into N contiguous segments, each rendered by its own Ray task")
+    scale.add_argument("--ray", metavar="auto|ADDRESS",
+                       help="auto (the default): start a local Ray instance and stop it at the end; ADDRESS: use that cluster")
+    scale.add_argument("--gpus-per-segment", type=float, metavar="G",
+                       help="GPUs per segment task (default: 1 where the cluster has GPUs, else 0; a fraction shares a GPU)")
     add_settings_arguments(render)
     render.set_defaults(run=_render)
 
@@ -254,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.set_defaults(run=_denoise)
 
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
-    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color (default: the first three)")
+    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments (default: the first three)")
     bench.set_defaults(run=_bench)
 
     from vlrt.doctor import add_doctor_parser

@@ -15,20 +15,21 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from itertools import takewhile
+from itertools import chain, takewhile
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from torch import nn
 
+from vlrt.color import FIRST
 from vlrt.engine_picker import default_engines_dir, open_engines
 from vlrt.engines.base import EngineSet
 from vlrt.errors import VlrtError
 from vlrt.executor import Executor
 from vlrt.frames import Frame
 from vlrt.io.sinks import Sink, open_sink
-from vlrt.io.sources import Source, open_source
+from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.models import Model, ModelOptions, load_model
 from vlrt.params import ParamResolver
 from vlrt.prepare import Preparer
@@ -39,8 +40,7 @@ from vlrt.run_state import (
     finished_folder_frames,
     finished_video_frames,
     is_folder_output,
-    resumable_settings,
-    saved_settings,
+    resume_settings,
     write_settings,
 )
 from vlrt.samplers import check_sampler
@@ -108,6 +108,17 @@ def fastdvdnet_network(weights: str, allow_random: bool, log: Callable[[str], No
     log("vlrt: FastDVDNet with RANDOM weights (demo only): pass --fastdvdnet-weights for the real network")
     torch.manual_seed(0)
     return FastDVDnet().eval()
+
+
+def _denoiser_with_notes(settings: Settings, model: Model, log: Callable[[str], None]) -> nn.Module | None:
+    """FastDVDnet when the settings ask for it; says when the model is the demo or sigma is out of range."""
+    if model.is_demo:
+        log("vlrt: using the built-in DEMO model (tiny, trained for a few minutes): not a real Stable Diffusion model")
+    if settings.video_post_process_method != "fastdvdnet":
+        return None
+    if not 5 <= settings.fastdvdnet_noise_sigma <= 55:
+        log(f"vlrt: warning: fastdvdnet_noise_sigma {settings.fastdvdnet_noise_sigma:g} is outside FastDVDnet's trained 5–55")
+    return fastdvdnet_network(settings.fastdvdnet_weights, model.is_demo, log)
 
 
 def concrete_seeds(settings: Settings) -> Settings:
@@ -228,19 +239,13 @@ def render(
         model = open_model(settings, device)
     if resume:
         check_same_loras(output_spec, model.loras)
-    if model.is_demo:
-        progress.log("vlrt: using the built-in DEMO model (tiny, trained for a few minutes): not a real Stable Diffusion model")
-    denoiser = None
-    if settings.video_post_process_method == "fastdvdnet":
-        denoiser = fastdvdnet_network(settings.fastdvdnet_weights, model.is_demo, progress.log)
-        if not 5 <= settings.fastdvdnet_noise_sigma <= 55:
-            progress.log(f"vlrt: warning: fastdvdnet_noise_sigma {settings.fastdvdnet_noise_sigma:g} is outside FastDVDnet's trained 5–55")
+    denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
         prepare = Preparer(settings, source.info, width, height)  # bad masks or references fail before any work
-        executor = Executor(_engines(settings, model, denoiser, device, progress))
+        executor = Executor(_engines(settings, model, denoiser, device, progress.log))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
         if settings.save_every_loop and output_spec == "-":
@@ -269,7 +274,7 @@ def denoise(
     network = fastdvdnet_network(settings.fastdvdnet_weights, False, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
         settings = replace(settings, width=source.info.width, height=source.info.height)
-        executor = Executor(_engines(settings, None, network, device, progress))
+        executor = Executor(_engines(settings, None, network, device, progress.log))
         stage = Denoise(
             executor,
             sigma=settings.fastdvdnet_noise_sigma,
@@ -300,8 +305,7 @@ def _stream(
     Output frames before `start` are dropped (they exist already); the stages start at their
     `first` frame, `reach` frames earlier, so the kept frames are exact."""
     fps = settings.output_fps(source.info.fps)
-    subsampled = settings.extract_nth_frame != 1 and not settings.is_continue
-    audio = source.info.path if source.info.has_audio and not subsampled else None
+    audio = audio_for(settings, source.info)
     progress.set_total(source.info.frame_count)
     sinks: list[Sink] = []
     try:
@@ -330,7 +334,15 @@ def _stream(
     return written
 
 
-def _engines(settings: Settings, model: Model | None, denoiser: nn.Module | None, device: torch.device, progress: Progress) -> EngineSet:
+def audio_for(settings: Settings, info: SourceInfo) -> Path | None:
+    """The file whose sound a video output carries: the input's, unless frames were skipped."""
+    subsampled = settings.extract_nth_frame != 1 and not settings.is_continue
+    return info.path if info.has_audio and not subsampled else None
+
+
+def _engines(
+    settings: Settings, model: Model | None, denoiser: nn.Module | None, device: torch.device, log: Callable[[str], None]
+) -> EngineSet:
     return open_engines(
         settings.backend,
         model=model,
@@ -341,7 +353,7 @@ def _engines(settings: Settings, model: Model | None, denoiser: nn.Module | None
         max_batch=settings.max_batch,
         precision=settings.precision,
         engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(),
-        log=progress.log,
+        log=log,
     )
 
 
@@ -388,11 +400,13 @@ def render_span(
     model: Model,
     on_frame: Callable[[int, Frame], None],
     every_pass: bool = False,
+    engine_log: Callable[[str], None] | None = None,
 ) -> dict[str, int]:
     """Render only output frames [start, stop), reading just the inputs they depend on.
 
     `on_frame(pass_number, frame)` receives the finished frames (pass_number = loop_n), and with
-    `every_pass` each loop pass's frames too (1 … loop_n). Returns the engine call counts."""
+    `every_pass` each loop pass's frames too (1 … loop_n). `engine_log` hears of engines being
+    built (none when `prepare_render` ran first). Returns the engine call counts."""
     settings = concrete_seeds(settings)
     resolver = ParamResolver(settings, settings.seed, settings.subseed)
     progress = Progress(None, settings.loop_n, quiet=True)
@@ -401,34 +415,62 @@ def render_span(
     if settings.video_post_process_method == "fastdvdnet":
         denoiser = fastdvdnet_network(settings.fastdvdnet_weights, model.is_demo, progress.log)
     reach = pipeline_reach(settings)
-    with _open_source(settings, input_spec, None) as source:
+    first = max(0, start - reach)
+    with _open_source(settings, input_spec, None, start=first) as source:
         width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         settings = replace(settings, width=width, height=height)
         resolver.check_all_first()
-        executor = Executor(_engines(settings, model, denoiser, device, progress))
-        first = max(0, start - reach)
+        executor = Executor(_engines(settings, model, denoiser, device, engine_log or progress.log))
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
-        frames = Preparer(settings, source.info, width, height).frames(
-            takewhile(lambda f: f.index < stop + reach, iter(source)), first
-        )
+        frames = takewhile(lambda f: f.index < stop + reach, iter(source))
+        if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need frame 0
+            frames = chain([_first_frame(settings, input_spec)], frames)
+        frames = Preparer(settings, source.info, width, height).frames(frames, first)
         Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
             frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
         )
     return executor.engines.calls
 
 
+@dataclass
+class PreparedRender:
+    """What a render of an input needs settled before its frames are split between processes."""
+
+    settings: Settings  # with the render size made concrete
+    frames: int  # exactly how many frames the input yields
+    fps: Fraction  # of the output
+    audio: Path | None  # the file whose sound a video output carries
+    loras: list[dict]  # the LoRA files fused into the model (path, scale, sha256), for the settings file
+
+
+def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
+    """Settle a render's size, frame count, rate and sound, check its schedules, and build every engine
+    it needs into the engine cache. A segment-parallel render does this once, before its segments
+    start, so that they only load the engines."""
+    check_sampler(settings.sampler_name)
+    denoiser = _denoiser_with_notes(settings, model, log)
+    with _open_source(settings, input_spec, None, exact_count=True) as source:
+        width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
+        info = source.info
+        Preparer(settings, info, width, height)  # bad masks or references fail before any work
+    settings = replace(settings, width=width, height=height)
+    ParamResolver(settings, settings.seed, settings.subseed).check_all_first()
+    _engines(settings, model, denoiser, pick_device(settings.device), log)
+    return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras)
+
+
+def _first_frame(settings: Settings, input_spec: str) -> Frame:
+    """The input's frame 0 (a span that starts later needs it as the colour anchor)."""
+    with _open_source(settings, input_spec, None) as source:
+        return next(iter(source))
+
+
 def _resume_point(settings: Settings, output_spec: str) -> tuple[Settings, int]:
     """The saved settings (checked against these) and the first frame still to render."""
-    saved = saved_settings(output_spec)
-    if output_spec == "-":
-        raise VlrtError("--resume needs a file or folder output; a pipe cannot be resumed")
-    if saved is None:
+    settings, recorded = resume_settings(settings, output_spec)
+    if not recorded:
         return settings, 0
-    saved_settings_, complete = saved
-    settings = resumable_settings(settings, saved_settings_)
-    if complete:
-        raise VlrtError(f"{output_spec} is already complete: nothing to resume (render again without --resume to redo it)")
     if is_folder_output(output_spec):
         return settings, finished_folder_frames(output_spec)
     return settings, finished_video_frames(output_spec)
@@ -462,7 +504,7 @@ def _render_stages(
     return stages, pass_ends
 
 
-def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None) -> Source:
+def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None, start: int = 0, exact_count: bool = False) -> Source:
     size = None
     if settings.input_size:
         try:
@@ -479,6 +521,8 @@ def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None) -> Sourc
         input_size=size,
         input_fps=Fraction(settings.input_fps).limit_denominator(1001) if settings.input_fps else None,
         stdin=stdin,
+        start=start,
+        exact_count=exact_count,
     )
 
 

@@ -9,10 +9,12 @@ from tqdm import tqdm
 
 
 class Progress:
-    """One bar for finished output frames; its postfix shows how far each loop pass has got."""
+    """One bar for finished output frames; its postfix shows how far each loop pass (or each
+    segment, with `parts_label` "S") has got."""
 
-    def __init__(self, total: int | None, passes: int, quiet: bool = False) -> None:
+    def __init__(self, total: int | None, passes: int, quiet: bool = False, parts_label: str = "L") -> None:
         self.quiet = quiet
+        self.parts_label = parts_label
         self.enabled = not quiet and sys.stderr.isatty()
         self.started = time.perf_counter()
         self.passes = passes
@@ -27,7 +29,7 @@ class Progress:
             return
         self.bar.n = done
         if self.passes:
-            self.bar.set_postfix_str(" ".join(f"L{i + 1}:{n}" for i, n in enumerate(per_pass)), refresh=False)
+            self.bar.set_postfix_str(" ".join(f"{self.parts_label}{i + 1}:{n}" for i, n in enumerate(per_pass)), refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:

@@ -90,6 +90,22 @@ def resumable_settings(settings: Settings, saved: Settings) -> Settings:
     return settings
 
 
+def resume_settings(settings: Settings, output: str) -> tuple[Settings, bool]:
+    """The settings to continue an interrupted render of `output` with, and whether one was recorded.
+
+    Refuses a pipe, a finished output, and a setting that changes the frames and differs."""
+    if output == "-":
+        raise VlrtError("--resume needs a file or folder output; a pipe cannot be resumed")
+    saved = saved_settings(output)
+    if saved is None:
+        return settings, False
+    previous, complete = saved
+    settings = resumable_settings(settings, previous)
+    if complete:
+        raise VlrtError(f"{output} is already complete: nothing to resume (render again without --resume to redo it)")
+    return settings, True
+
+
 def finished_folder_frames(output: str) -> int:
     """How many frames, from the first on, an output folder already holds (PNG writes are atomic)."""
     folder = Path(output)

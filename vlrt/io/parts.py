@@ -53,6 +53,15 @@ def part_path(folder: Path, first: int) -> Path:
     return folder / f"{first:08d}.mkv"
 
 
+def part_encoders(muxer: str, encoder_args: dict, label: str) -> Callable[[Path], VideoEncoder]:
+    """A new encoder for each part of a `muxer` output: the final file's codec choice in a part's container."""
+
+    def new_encoder(target: Path) -> VideoEncoder:
+        return VideoEncoder(str(target), label, muxer=muxer, container=PART_FORMAT, pipe=False, **encoder_args)
+
+    return new_encoder
+
+
 def commit(written: Path, final: Path) -> None:
     """Put a finished file in place: its data reaches the disk before the name says it is whole."""
     with open(written, "rb") as file:

@@ -6,8 +6,10 @@ frame, so encoding overlaps inference, and an encoder error comes back from the 
 file is encoded in whole parts in a hidden folder beside the target (`vlrt.io.parts`),
 joined by `close()` under a temporary name and renamed onto the target; a kill or `abort()`
 leaves the whole parts, so `--resume` continues after them. PNG frames are each written to a
-temporary name and renamed, so a folder only ever holds whole frames. Codec choices are in
-`vlrt.io.encoding`.
+temporary name and renamed, so a folder only ever holds whole frames. In a segment-parallel
+render each task writes its segment's share of a video file with `SegmentSink` (whole parts,
+sealed once complete: `vlrt.io.segment_parts`) and the driver joins them with `join_video`.
+Codec choices are in `vlrt.io.encoding`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -24,8 +27,9 @@ from vlrt.frames import Frame
 from vlrt.io.encoding import file_muxer, pipe_muxer
 from vlrt.io.images import write_png
 from vlrt.io.join import join_parts
-from vlrt.io.parts import PART_FORMAT, PartWriter, commit, parts_folder, tidy_parts
+from vlrt.io.parts import Part, PartWriter, commit, part_encoders, parts_folder, tidy_parts
 from vlrt.io.pipes import PipeWriter
+from vlrt.io.segment_parts import attempt_folder, seal, segment_folder
 from vlrt.io.threads import BackgroundWorker
 from vlrt.io.video_out import VideoEncoder
 
@@ -147,15 +151,8 @@ class VideoFileSink(Sink):
         self._fps = encoder_args["fps"]
         self._audio_from = audio_from
         self._folder = parts_folder(path)
-        self._joined = self._folder / f"{path.name}.tmp"
         self._label = f"'{path}'"
-
-        def new_encoder(target: Path) -> VideoEncoder:
-            return VideoEncoder(
-                str(target), self._label, muxer=self._muxer, container=PART_FORMAT, pipe=False, **encoder_args
-            )
-
-        self._parts = PartWriter(self._folder, resume_at, new_encoder, self._label)
+        self._parts = PartWriter(self._folder, resume_at, part_encoders(self._muxer, encoder_args, self._label), self._label)
         super().__init__()
 
     def _write_now(self, frame: Frame) -> None:
@@ -171,17 +168,51 @@ class VideoFileSink(Sink):
                 f"the parts of output {self._label} changed while it was rendered (another render of the same "
                 "output?): render again without --resume"
             )
-        options = {"movflags": "+faststart"} if self._muxer in ("mp4", "mov") else {}
-        join_parts(
-            parts, self._joined, muxer=self._muxer, fps=self._fps, audio_from=self._audio_from,
-            options=options, label=self._label,
-        )
-        commit(self._joined, self.path)
-        shutil.rmtree(self._folder)
+        join_video(parts, self.path, self._fps, self._audio_from)
 
     def _discard(self) -> None:
-        self._joined.unlink(missing_ok=True)
         self._parts.discard()
+
+
+def join_video(parts: list[Part], path: Path, fps: Fraction, audio_from: Path | None) -> None:
+    """Join whole parts (frames 0, 1, … in order) into video file `path` with the sound of `audio_from`,
+    without re-encoding; then remove the parts folder. Nothing is left at `path` on failure."""
+    muxer, label, folder = file_muxer(path), f"'{path}'", parts_folder(path)
+    joined = folder / f"{path.name}.tmp"
+    options = {"movflags": "+faststart"} if muxer in ("mp4", "mov") else {}
+    try:
+        join_parts(parts, joined, muxer=muxer, fps=fps, audio_from=audio_from, options=options, label=label)
+        commit(joined, path)
+    except BaseException:
+        joined.unlink(missing_ok=True)
+        raise
+    shutil.rmtree(folder)
+
+
+class SegmentSink(Sink):
+    """Frames `start` … `stop − 1` of video file `path` as one segment's parts, written by one
+    task of a segment-parallel render; `close()` seals the segment (`vlrt.io.segment_parts`)."""
+
+    def __init__(self, path: Path, start: int, stop: int, encoder_args: dict) -> None:
+        label = f"'{path}' (frames {start}-{stop - 1})"
+        self._start, self._frames, self._label = start, stop - start, label
+        self._folder = attempt_folder(path, start, stop)
+        self._sealed_as = segment_folder(path, start, stop)
+        self._parts = PartWriter(self._folder, 0, part_encoders(file_muxer(path), encoder_args, label), label)
+        super().__init__()
+
+    def _write_now(self, frame: Frame) -> None:
+        self._parts.write(replace(frame, index=frame.index - self._start))
+
+    def _finish(self) -> None:
+        self._parts.finish()
+        if self._parts.next_index != self._frames:
+            raise VlrtError(f"output {self._label} got {self._parts.next_index} of its {self._frames} frames: render again")
+        seal(self._folder, self._sealed_as)
+
+    def _discard(self) -> None:
+        self._parts.discard()
+        shutil.rmtree(self._folder, ignore_errors=True)
 
 
 class PipeVideoSink(_EncodedSink):
@@ -232,6 +263,7 @@ def open_sink(
     output_format: str | None = None,
     stdout: BinaryIO | None = None,
     resume_at: int = 0,
+    segment: tuple[int, int] | None = None,
 ) -> Sink:
     """Open OUTPUT: a video file (format by extension), a folder for PNGs, or "-" for stdout.
 
@@ -240,7 +272,9 @@ def open_sink(
     rawvideo, lossless unless `codec` says otherwise. See `vlrt.io.encoding` for the codecs.
     `resume_at` (a file output only) continues an interrupted render: it must be what
     `finished_frames` counts, and the first frame written is then frame `resume_at`. A folder
-    resumes by itself (frames are files named by index).
+    resumes by itself (frames are files named by index). `segment` (start, stop) takes only
+    those frames, for one task of a segment-parallel render: a folder gets them as PNGs, a video
+    file as a segment's parts (`SegmentSink`), joined later by `join_video`.
     """
     if not fps or fps <= 0:
         raise VlrtError(f"output frame rate must be positive, got {fps}: set output_frame_rate")
@@ -252,6 +286,8 @@ def open_sink(
         return PipeVideoSink(stream, pipe_muxer(output_format), encoder_args)
     if _is_folder_spec(spec):
         return PngFolderSink(Path(spec))
+    if segment is not None:
+        return SegmentSink(Path(spec), *segment, encoder_args)
     return VideoFileSink(Path(spec), encoder_args, audio_from, resume_at)
 
 

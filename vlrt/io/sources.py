@@ -24,6 +24,7 @@ from vlrt.frames import Frame
 from vlrt.io import rawvideo
 from vlrt.io.images import is_image_file, list_images, read_image
 from vlrt.io.pipes import PipeReader
+from vlrt.io.seek import count_video_frames, frames_from
 from vlrt.io.threads import Prefetched, prefetch
 from vlrt.io.video_in import decoded_frames, estimate_frame_count, open_video, to_arrays, video_fps
 
@@ -39,7 +40,7 @@ class SourceInfo:
     width: int  # of the frames as decoded (the first frame's, for image folders)
     height: int
     fps: Fraction | None  # before subsampling; None for images unless input_fps says
-    frame_count: int | None  # frames it will yield (after subsampling and max_frames); estimate for video
+    frame_count: int | None  # frames from the first (after subsampling and max_frames); estimate for video
     path: Path | None  # the input file, for audio passthrough; None for folders and stdin
     has_audio: bool
     kind: str  # "video" | "folder" | "image" | "stdin"
@@ -79,9 +80,10 @@ class Source:
         self.close()
 
 
-def _pick(items: Iterable[T], nth: int, limit: int | None) -> Iterator[tuple[int, T]]:
-    """Every `nth` item from the first, at most `limit` of them, numbered from 0."""
-    return enumerate(islice(islice(items, 0, None, nth), limit))
+def _pick(items: Iterable[T], nth: int, limit: int | None, start: int = 0) -> Iterator[tuple[int, T]]:
+    """Every `nth` item from the first, numbered from `start`, up to number `limit`; `items` begins
+    at item `start × nth` (the caller has skipped or seeked to it)."""
+    return enumerate(islice(islice(items, 0, None, nth), None if limit is None else max(0, limit - start)), start)
 
 
 def _count(total: int | None, nth: int, limit: int | None) -> int | None:
@@ -96,12 +98,15 @@ def _default_name(index: int) -> str:
 
 
 def _start(
-    make_info: Callable[[Frame], SourceInfo], frames: Iterator[Frame], empty_message: str = "the input gave no frames"
+    make_info: Callable[[Frame], SourceInfo], frames: Iterator[Frame], empty_message: str = "the input gave no frames",
+    start: int = 0,
 ) -> Source:
     """Decode the first frame now (it gives the size and proves the input is readable)."""
     try:
         first = next(frames)
     except StopIteration:
+        if start:
+            raise VlrtError(f"the input has fewer than {start + 1} frames: choose frames within it") from None
         raise VlrtError(empty_message) from None
     return Source(make_info(first), _chained(first, frames))
 
@@ -117,27 +122,32 @@ def _chained(first: Frame, rest: Iterator[Frame]) -> Iterator[Frame]:
             close()
 
 
-def _folder_source(folder: Path, nth: int, limit: int | None, fps: Fraction | None) -> Source:
+def _folder_files(folder: Path, nth: int, limit: int | None) -> list[Path]:
+    """The image files a folder input yields, in order."""
     files = list_images(folder)
     if not files:
         raise VlrtError(
             f"input folder '{folder}' holds no images (.png, .jpg, ...): "
             "point INPUT at a folder of frames, a video file or one image"
         )
-    chosen = [path for _, path in _pick(files, nth, limit)]
+    return [path for _, path in _pick(files, nth, limit)]
+
+
+def _folder_source(folder: Path, nth: int, limit: int | None, fps: Fraction | None, start: int) -> Source:
+    chosen = _folder_files(folder, nth, limit)
 
     def frames() -> Iterator[Frame]:
-        for index, path in enumerate(chosen):
-            image, alpha = read_image(path)
-            yield Frame(index, image, alpha, path.name, {"path": path})
+        for index in range(start, len(chosen)):
+            image, alpha = read_image(chosen[index])
+            yield Frame(index, image, alpha, chosen[index].name, {"path": chosen[index]})
 
     def info(first: Frame) -> SourceInfo:
         return SourceInfo(first.width, first.height, fps, len(chosen), None, False, "folder")
 
-    return _start(info, frames())
+    return _start(info, frames(), start=start)
 
 
-def _image_source(path: Path, max_frames: int | None, fps: Fraction | None) -> Source:
+def _image_source(path: Path, max_frames: int | None, fps: Fraction | None, start: int) -> Source:
     if max_frames is None:
         raise VlrtError(
             f"input '{path}' is a single image: give max_frames (--max-frames N) to say how many frames to make of it"
@@ -145,50 +155,69 @@ def _image_source(path: Path, max_frames: int | None, fps: Fraction | None) -> S
     image, alpha = read_image(path)
 
     def frames() -> Iterator[Frame]:
-        for index in range(max_frames):  # copies: stages may change a frame in place
+        for index in range(start, max_frames):  # copies: stages may change a frame in place
             yield Frame(index, image.copy(), None if alpha is None else alpha.copy(), _default_name(index), {})
 
     def info(first: Frame) -> SourceInfo:
         return SourceInfo(first.width, first.height, fps, max_frames, path, False, "image")
 
-    return _start(info, frames())
+    return _start(info, frames(), start=start)
 
 
-def _video_frames(
-    container: av.container.InputContainer, label: str, nth: int, limit: int | None
-) -> Iterator[Frame]:
-    decoded = decoded_frames(container, label)
+def _video_frames(decoded: Iterator[av.VideoFrame], nth: int, limit: int | None, start: int) -> Iterator[Frame]:
+    """Frames `start`, … from `decoded`, which begins at decoded frame `start × nth`."""
     try:
-        for index, frame in _pick(decoded, nth, limit):
+        for index, frame in _pick(decoded, nth, limit, start):
             image, alpha = to_arrays(frame)
             yield Frame(index, image, alpha, _default_name(index), {"time": frame.time})
     finally:
         decoded.close()
 
 
+def _skipped(items: Iterator[T], count: int) -> Iterator[T]:
+    """`items` after the first `count`, closing `items` when closed early."""
+    try:
+        yield from islice(items, count, None)
+    finally:
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
+
+
 def _video_source(
     file: Any, label: str, *, path: Path | None, kind: str, streaming: bool, nth: int, limit: int | None,
-    input_format: str | None, fps: Fraction | None,
+    input_format: str | None, fps: Fraction | None, start: int, exact_count: bool,
 ) -> Source:
     container = open_video(file, label, format=input_format, streaming=streaming)
     stream = container.streams.video[0]
     has_audio = bool(container.streams.audio)
     rate = fps or video_fps(stream)
-    total = None if streaming else _count(estimate_frame_count(container, stream), nth, limit)
+    if streaming:
+        total = None
+    elif exact_count and path is not None:
+        total = _count(count_video_frames(str(path), label, input_format), nth, limit)
+    else:
+        total = _count(estimate_frame_count(container, stream), nth, limit)
+    if start and path is not None:
+        container.close()  # a file seeks, in containers of its own
+        decoded = frames_from(str(path), label, start * nth, input_format)
+    else:
+        decoded = _skipped(decoded_frames(container, label), start * nth)
 
     def info(first: Frame) -> SourceInfo:
         return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind)
 
     return _start(
         info,
-        _video_frames(container, label, nth, limit),
+        _video_frames(decoded, nth, limit, start),
         f"{label} decoded to zero frames: check that the video is complete and plays",
+        start,
     )
 
 
 def _raw_source(
     raw: BinaryIO | Path, label: str, *, kind: str, size: tuple[int, int] | None,
-    nth: int, limit: int | None, fps: Fraction | None,
+    nth: int, limit: int | None, fps: Fraction | None, start: int,
 ) -> Source:
     """Raw rgb24 frames from a stream, or from a file whose length must be whole frames."""
     per_frame = rawvideo.frame_bytes(size, label)
@@ -206,7 +235,12 @@ def _raw_source(
     def frames() -> Iterator[Frame]:
         stream = raw if path is None else path.open("rb")
         try:
-            for index, image in _pick(rawvideo.raw_frames(stream, size, label), nth, limit):
+            if path is not None:
+                stream.seek(start * nth * per_frame)
+            images = rawvideo.raw_frames(stream, size, label)
+            if path is None:
+                images = _skipped(images, start * nth)
+            for index, image in _pick(images, nth, limit, start):
                 yield Frame(index, image, None, _default_name(index), {})
         finally:
             if path is not None:
@@ -215,12 +249,12 @@ def _raw_source(
     def info(first: Frame) -> SourceInfo:
         return SourceInfo(first.width, first.height, fps, total, path, False, kind)
 
-    return _start(info, frames(), f"raw video on {label} ended before its first frame: check the producer")
+    return _start(info, frames(), f"raw video on {label} ended before its first frame: check the producer", start)
 
 
 def _stdin_source(
     stdin: BinaryIO | None, *, nth: int, limit: int | None, input_format: str | None,
-    input_size: tuple[int, int] | None, fps: Fraction | None,
+    input_size: tuple[int, int] | None, fps: Fraction | None, start: int,
 ) -> Source:
     stream = stdin if stdin is not None else sys.stdin.buffer
     isatty = getattr(stream, "isatty", None)
@@ -229,13 +263,15 @@ def _stdin_source(
             "standard input is a terminal: pipe a video into vlrt (... | vlrt render - ...) or give an INPUT path"
         )
     if input_format == "rawvideo":
-        return _raw_source(stream, STDIN_LABEL, kind="stdin", size=input_size, nth=nth, limit=limit, fps=fps)
+        return _raw_source(
+            stream, STDIN_LABEL, kind="stdin", size=input_size, nth=nth, limit=limit, fps=fps, start=start
+        )
     seekable = getattr(stream, "seekable", None)
     # A redirected file can seek (so even a plain mp4 works); a pipe must be read as it comes.
     streaming = not (seekable is not None and seekable())
     return _video_source(
         PipeReader(stream) if streaming else stream, STDIN_LABEL, path=None, kind="stdin", streaming=streaming,
-        nth=nth, limit=limit, input_format=input_format, fps=fps,
+        nth=nth, limit=limit, input_format=input_format, fps=fps, start=start, exact_count=False,
     )
 
 
@@ -249,6 +285,8 @@ def open_source(
     input_size: tuple[int, int] | None = None,
     input_fps: Fraction | None = None,
     stdin: BinaryIO | None = None,
+    start: int = 0,
+    exact_count: bool = False,
 ) -> Source:
     """Open INPUT: a video file, a folder of images, one image, or "-" for standard input.
 
@@ -256,6 +294,11 @@ def open_source(
     (`is_continue` skips the subsampling, as in the original extension). `input_fps`
     overrides the rate a video declares and gives one to image inputs. `input_format`
     forces a demuxer; "rawvideo" reads bare rgb24 frames of `input_size` (W, H).
+    `start` > 0 yields frames from number `start` on (numbered as from the first): a video
+    file seeks to it frame-accurately (`vlrt.io.seek`), a folder or raw file goes straight to
+    it, standard input reads and drops the frames before it. `info` still describes the whole input;
+    its `frame_count` is exact except for a video file's, an estimate from the header unless
+    `exact_count` has the packets counted (a pass over the file without decoding).
     """
     nth = 1 if is_continue else extract_nth_frame
     if nth < 1:
@@ -267,18 +310,20 @@ def open_source(
         raise VlrtError("--input-size only applies to raw frames: add --input-format rawvideo or drop --input-size")
     if spec == "-":
         return _stdin_source(
-            stdin, nth=nth, limit=max_frames, input_format=input_format, input_size=input_size, fps=fps
+            stdin, nth=nth, limit=max_frames, input_format=input_format, input_size=input_size, fps=fps, start=start
         )
     path = Path(spec)
     if not path.exists():
         raise VlrtError(f"input '{spec}' does not exist: check the path, or use '-' to read standard input")
     if path.is_dir():
-        return _folder_source(path, nth, max_frames, fps)
+        return _folder_source(path, nth, max_frames, fps, start)
     if input_format == "rawvideo":
-        return _raw_source(path, f"'{path}'", kind="video", size=input_size, nth=nth, limit=max_frames, fps=fps)
+        return _raw_source(
+            path, f"'{path}'", kind="video", size=input_size, nth=nth, limit=max_frames, fps=fps, start=start
+        )
     if is_image_file(path):
-        return _image_source(path, max_frames, fps)
+        return _image_source(path, max_frames, fps, start)
     return _video_source(
         str(path), f"video '{path}'", path=path, kind="video", streaming=False, nth=nth, limit=max_frames,
-        input_format=input_format, fps=fps,
+        input_format=input_format, fps=fps, start=start, exact_count=exact_count,
     )
