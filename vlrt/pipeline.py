@@ -241,10 +241,7 @@ def render(
         check_same_loras(output_spec, model.loras)
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
-        width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
-        settings = replace(settings, width=width, height=height)
-        resolver.check_all_first()
-        prepare = Preparer(settings, source.info, width, height)  # bad masks or references fail before any work
+        settings, prepare = _settle(settings, source.info, model, resolver)
         executor = Executor(_engines(settings, model, denoiser, device, progress.log))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
@@ -411,22 +408,18 @@ def render_span(
     resolver = ParamResolver(settings, settings.seed, settings.subseed)
     progress = Progress(None, settings.loop_n, quiet=True)
     device = pick_device(settings.device)
-    denoiser = None
-    if settings.video_post_process_method == "fastdvdnet":
-        denoiser = fastdvdnet_network(settings.fastdvdnet_weights, model.is_demo, progress.log)
+    denoiser = _denoiser_with_notes(settings, model, progress.log)
     reach = pipeline_reach(settings)
     first = max(0, start - reach)
     with _open_source(settings, input_spec, None, start=first) as source:
-        width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
-        settings = replace(settings, width=width, height=height)
-        resolver.check_all_first()
+        settings, prepare = _settle(settings, source.info, model, resolver)
         executor = Executor(_engines(settings, model, denoiser, device, engine_log or progress.log))
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
         frames = takewhile(lambda f: f.index < stop + reach, iter(source))
         if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need frame 0
             frames = chain([_first_frame(settings, input_spec)], frames)
-        frames = Preparer(settings, source.info, width, height).frames(frames, first)
+        frames = prepare.frames(frames, first)
         Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
             frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
         )
@@ -451,13 +444,19 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     check_sampler(settings.sampler_name)
     denoiser = _denoiser_with_notes(settings, model, log)
     with _open_source(settings, input_spec, None, exact_count=True) as source:
-        width, height = frame_size(settings, source.info.width, source.info.height, model.vae_scale_factor)
         info = source.info
-        Preparer(settings, info, width, height)  # bad masks or references fail before any work
-    settings = replace(settings, width=width, height=height)
-    ParamResolver(settings, settings.seed, settings.subseed).check_all_first()
+        settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed))
     _engines(settings, model, denoiser, pick_device(settings.device), log)
     return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras)
+
+
+def _settle(settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver) -> tuple[Settings, Preparer]:
+    """The render size made concrete, the schedules tried at the first frame and the prepare step
+    built, so that a bad size, schedule, mask or reference folder fails before any work."""
+    width, height = frame_size(settings, info.width, info.height, model.vae_scale_factor)
+    settings = replace(settings, width=width, height=height)
+    resolver.check_all_first()
+    return settings, Preparer(settings, info, width, height)
 
 
 def _first_frame(settings: Settings, input_spec: str) -> Frame:
