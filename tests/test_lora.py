@@ -249,6 +249,62 @@ def test_lora_is_a_list_setting(tmp_path):
         build_settings({"lora": [1, 2]})
 
 
+# --- <lora:NAME:SCALE> tags in prompts --------------------------------------------------------
+
+
+def test_a_prompt_tag_renders_the_frames_of_the_same_lora_given_as_a_flag(lora_files, clip_folder, tmp_path):
+    """`<lora:style_a:0.8>` found under --lora-dir, taken out of the text, equals `--lora style_a:0.8`
+    (shown equal to diffusers' fuse_lora above) on a prompt without the tag."""
+    path, _ = lora_files["a"]
+    nested = tmp_path / "Lora" / "styles"
+    nested.mkdir(parents=True)
+    (nested / path.name).write_bytes(path.read_bytes())
+    common = dict(model="demo", backend="torch", loop_n=2, superimpose_alpha=1.0, steps=6, denoising_strength=0.6, cfg_scale=6.0,
+                  seed=21, max_frames=2,
+                  negative_prompt="blurry")
+    render(build_settings(overrides=dict(common, prompt="a striped pattern, <lora:style_a:0.8>", lora_dir=str(tmp_path / "Lora"))),
+           str(clip_folder), str(tmp_path / "tag") + "/", quiet=True)
+    render(build_settings(overrides=dict(common, prompt="a striped pattern, ", lora=[f"{path}:0.8"])),
+           str(clip_folder), str(tmp_path / "flag") + "/", quiet=True)
+    render(build_settings(overrides=dict(common, prompt="a striped pattern, ")), str(clip_folder), str(tmp_path / "none") + "/", quiet=True)
+    tag, flag, none = (read_frames(tmp_path / name) for name in ("tag", "flag", "none"))
+    assert len(tag) == 2 and all(np.array_equal(a, b) for a, b in zip(tag, flag))
+    assert np.mean([np.abs(a.astype(int) - b.astype(int)).mean() for a, b in zip(tag, none)]) > 1  # the LoRA was applied
+    recorded = tomllib.loads((tmp_path / "tag" / "settings.toml").read_text())["vlrt"]["lora"]
+    assert recorded == [{"path": str(nested / path.name), "scale": 0.8, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("no_dir", "needs --lora-dir FOLDER"),
+        ("missing", "there is no nowhere.safetensors in --lora-dir"),
+        ("also_a_flag", "is given by --lora and by the prompt's <lora:style_a:1>"),
+        ("schedule_differs", "asks for <lora:style_a:0.5> but the render fused <lora:style_a:1>"),
+        ("schedule_drops", "asks for no <lora:…> tag but the render fused <lora:style_a:1>"),
+        ("unsupported", "<hypernet:x:1> is not supported"),
+    ],
+)
+def test_a_prompt_tag_that_cannot_be_applied_is_one_clear_line(case, message, lora_files, clip_folder, tmp_path, capsys):
+    path, _ = lora_files["a"]
+    prompt = {"missing": "a cat <lora:nowhere:1>", "unsupported": "a cat <hypernet:x:1>"}.get(case, "a cat <lora:style_a:1>")
+    args = ["render", str(clip_folder), "-o", str(tmp_path / "out.mp4"), "--model", "demo", "--backend", "torch",
+            "--max-frames", "2", "--steps", "2", "--prompt", prompt, "--quiet"]
+    if case != "no_dir":
+        args += ["--lora-dir", str(path.parent)]
+    if case == "also_a_flag":
+        args += ["--lora", str(path)]
+    if case == "schedule_differs":
+        args += ["--prompt-schedule", "'a cat <lora:style_a:0.5>' if image_i > 1 else 'a cat <lora:style_a:1>'"]
+    if case == "schedule_drops":
+        args += ["--prompt-schedule", "'a dog'"]
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "\n" not in err, err
+    assert message in err, err
+    assert not (tmp_path / "out.mp4").exists()
+
+
 @pytest.mark.trt
 @pytest.mark.skipif(not TRT_OK, reason=TRT_WHY)
 def test_on_tensorrt_a_scale_change_refits_the_unet_plan_instead_of_rebuilding(lora_files, tmp_path, monkeypatch):

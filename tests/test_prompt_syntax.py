@@ -13,7 +13,7 @@ import torch
 
 from vlrt.errors import VlrtError
 from vlrt.prompt_embeddings import PromptEncoder
-from vlrt.prompt_syntax import BREAK, CHUNK_TOKENS, Fragment, chunk_prompt, parse_prompt
+from vlrt.prompt_syntax import BREAK, CHUNK_TOKENS, Fragment, LoraTag, chunk_prompt, parse_prompt, split_lora_tags
 
 CPU = torch.device("cpu")
 
@@ -209,3 +209,32 @@ def test_long_prompts_get_their_own_onnx_unet_and_match_torch(demo_model, tmp_pa
     short = {**feed, "encoder_hidden_states": torch.cat([demo_model.encode_prompt("a")] * 2)}
     assert engines[UNET](**short)["noise_pred"].shape == (2, 4, 16, 16)
     assert sorted(engines[UNET].engines) == [77, 154]
+
+
+@pytest.mark.parametrize(
+    "text, want_text, want_tags",
+    [
+        ("a cat, <lora:ink:0.7>", "a cat, ", (LoraTag("ink", 0.7),)),
+        ("<lora:ink> a cat <lora:grain_2:-0.5>", " a cat ", (LoraTag("ink", 1.0), LoraTag("grain_2", -0.5))),
+        ("(a cat:1.2) <lora: ink : 1.5 >", "(a cat:1.2) ", (LoraTag("ink", 1.5),)),
+        ("a <cat> and a < b", "a <cat> and a < b", ()),  # no kind:args, no tag
+    ],
+)
+def test_lora_tags_are_taken_out_of_the_prompt(text, want_text, want_tags):
+    assert split_lora_tags(text) == (want_text, want_tags)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("<hypernet:anime:1>", "not supported"),
+        ("<lyco:x:0.5>", "not supported"),
+        ("<lora:ink:0.5:0.8>", "one numeric scale"),
+        ("<lora:ink:te=0.5>", "one numeric scale"),
+        ("<lora::0.5>", "one numeric scale"),
+        ("<lora:ink:0.5> <lora:ink:0.6>", "twice"),
+    ],
+)
+def test_tags_vlrt_does_not_apply_are_refused_not_encoded_as_text(text, message):
+    with pytest.raises(VlrtError, match=message):
+        split_lora_tags(text)

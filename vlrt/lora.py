@@ -9,6 +9,10 @@ WebUI's `<lora:name:scale>` does (with the file's alpha/rank factor).
 
 A LoRA made for another architecture fails with diffusers' reason (no module of that name, or a
 shape mismatch); one none of whose keys reach a module is refused too.
+
+A prompt's `<lora:NAME:SCALE>` tags name LoRAs too: NAME.safetensors found under `--lora-dir`
+(subfolders included, as the WebUI searches its models/Lora). They are fused once for the whole
+render like `--lora`, so every prompt of the render must carry the same tags (`untagged_prompt`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import torch
 
 from vlrt.errors import VlrtError
+from vlrt.prompt_syntax import LoraTag, split_lora_tags
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,52 @@ class LoraSpec:
             except ValueError:
                 pass
         return cls(Path(spec).expanduser())
+
+
+def lora_specs(flags: tuple[str, ...], tags: tuple[LoraTag, ...], lora_dir: str) -> list[LoraSpec]:
+    """The LoRAs of a render: the `--lora` ones, then those the prompt's tags name, each file once."""
+    specs = [LoraSpec.parse(flag) for flag in flags]
+    for tag in tags:
+        spec = LoraSpec(_tagged_file(tag, lora_dir), tag.scale)
+        twice = next((s.path for s in specs if s.path.resolve() == spec.path.resolve()), None)
+        if twice is not None:
+            raise VlrtError(f"LoRA {twice} is given by --lora and by the prompt's {tag}: keep one of them")
+        specs.append(spec)
+    return specs
+
+
+def _tagged_file(tag: LoraTag, lora_dir: str) -> Path:
+    if not lora_dir:
+        raise VlrtError(
+            f"the prompt's {tag} needs --lora-dir FOLDER (the folder holding {tag.name}.safetensors, "
+            "as the WebUI's models/Lora), or --lora PATH:SCALE in place of the tag"
+        )
+    folder = Path(lora_dir).expanduser()
+    if not folder.is_dir():
+        raise VlrtError(f"--lora-dir {folder} is not a folder: name the folder that holds the LoRA files")
+    found = sorted(path for path in folder.rglob(f"{tag.name}.safetensors") if path.is_file())
+    if not found:
+        raise VlrtError(f"the prompt's {tag}: there is no {tag.name}.safetensors in --lora-dir {folder}: check the name or the folder")
+    if len(found) > 1:
+        raise VlrtError(f"the prompt's {tag} matches both {found[0]} and {found[1]}: rename or move one of them")
+    return found[0]
+
+
+def untagged_prompt(prompt: str, fused: tuple[LoraTag, ...]) -> str:
+    """The prompt without its `<lora:…>` tags, which must be those the render fused."""
+    text, tags = split_lora_tags(prompt)
+    if sorted(tags, key=str) != sorted(fused, key=str):
+        asked = " ".join(map(str, tags)) or "no <lora:…> tag"
+        have = " ".join(map(str, fused)) or "none"
+        raise VlrtError(
+            f"the prompt {_excerpt(prompt)} asks for {asked} but the render fused {have} (the tags of --prompt): "
+            "LoRAs are fused once per render, so every prompt (schedules, prompt files) must carry the same tags"
+        )
+    return text
+
+
+def _excerpt(prompt: str) -> str:
+    return repr(prompt if len(prompt) <= 60 else prompt[:57] + "...")
 
 
 def file_sha256(path: Path) -> str:

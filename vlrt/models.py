@@ -18,8 +18,9 @@ import torch
 
 from vlrt.checkpoints import check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
 from vlrt.errors import VlrtError
-from vlrt.lora import LoraSpec, apply_loras
+from vlrt.lora import apply_loras, lora_specs, untagged_prompt
 from vlrt.prompt_embeddings import PromptEncoder
+from vlrt.prompt_syntax import LoraTag
 from vlrt.vae_override import load_vae
 
 COMPONENTS = {
@@ -46,6 +47,7 @@ class Model:
     device: torch.device
     clip_skip: int = 1
     loras: list[dict[str, Any]] = field(default_factory=list)  # what was fused: path, scale, sha256
+    lora_tags: tuple[LoraTag, ...] = ()  # the prompt's <lora:…> tags among them, which every prompt must carry
     config_root: Path | None = None  # the folder holding the model's diffusers configs
     prompts: PromptEncoder = field(init=False, repr=False)
 
@@ -74,20 +76,24 @@ class Model:
 
     def encode_prompt(self, text: str) -> torch.Tensor:
         """Text embeddings [1, 77·chunks, D] of a WebUI-syntax prompt, computed once per distinct text."""
-        return self.prompts(text)
+        return self.prompts(untagged_prompt(text, self.lora_tags))
 
     def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) of one job, of equal length so that both CFG rows share a UNet call."""
-        return self.prompts.pair(prompt, negative)
+        """(cond, uncond) of one job, of equal length so that both CFG rows share a UNet call.
+        The negative prompt's `<…>` stays text, as in the WebUI, which applies the prompt's tags only."""
+        return self.prompts.pair(untagged_prompt(prompt, self.lora_tags), negative)
 
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """What changes a model as it is loaded: a VAE in place of its own, LoRAs, CLIP skip, and for
-    single-file checkpoints the config folder and the prediction type."""
+    """What changes a model as it is loaded: a VAE in place of its own, LoRAs (files, and the
+    prompt's tags found in a folder), CLIP skip, and for single-file checkpoints the config folder
+    and the prediction type."""
 
     vae: str = ""
     loras: tuple[str, ...] = ()
+    lora_tags: tuple[LoraTag, ...] = ()
+    lora_dir: str = ""
     clip_skip: int = 1
     model_config: str = ""
     prediction_type: str = "auto"
@@ -145,7 +151,7 @@ def load_model(
         raise VlrtError(f"model {path} is a guidance-distilled (LCM) UNet, which vlrt does not run yet: use an SD 1.x/2.x model")
     if options.prediction_type != "auto":
         scheduler_config = {**scheduler_config, "prediction_type": options.prediction_type}
-    loras = apply_loras(modules, scheduler_config, [LoraSpec.parse(s) for s in options.loras])
+    loras = apply_loras(modules, scheduler_config, lora_specs(options.loras, options.lora_tags, options.lora_dir))
     for name in ("unet", "vae", "text_encoder"):
         modules[name].to(device).eval().requires_grad_(False)
     return Model(
@@ -157,6 +163,7 @@ def load_model(
         device=device,
         clip_skip=options.clip_skip,
         loras=loras,
+        lora_tags=options.lora_tags,
         config_root=config_root,
     )
 

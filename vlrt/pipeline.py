@@ -35,6 +35,7 @@ from vlrt.params import ParamResolver
 from vlrt.prepare import Preparer
 from vlrt.preview import PreviewCollector
 from vlrt.progress import Progress
+from vlrt.prompt_syntax import split_lora_tags
 from vlrt.run_state import (
     check_same_loras,
     finished_folder_frames,
@@ -68,9 +69,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def open_model(settings: Settings, device: torch.device) -> Model:
-    """The run's model with its settings' VAE, LoRAs, CLIP skip and single-file options."""
+    """The run's model with its settings' VAE, LoRAs (`--lora` and the prompt's tags), CLIP skip and single-file options."""
     options = ModelOptions(
-        vae=settings.vae, loras=tuple(settings.lora), clip_skip=settings.clip_skip,
+        vae=settings.vae, loras=tuple(settings.lora), lora_tags=split_lora_tags(settings.prompt)[1],
+        lora_dir=settings.lora_dir, clip_skip=settings.clip_skip,
         model_config=settings.model_config, prediction_type=settings.prediction_type,
     )
     return load_model(settings.model, device, options=options)

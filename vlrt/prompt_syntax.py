@@ -13,6 +13,8 @@ its code:
   fails on it).
 - `BREAK` (upper case, a word of its own) ends the current chunk, also inside brackets.
 - Neighbouring pieces of equal weight are joined before tokenizing, so `(a)(b)` reads as `ab`.
+- `<lora:NAME>` and `<lora:NAME:SCALE>` (the WebUI's extra-network tags) are no text: the render
+  fuses those LoRAs (`vlrt.lora`) and `split_lora_tags` takes the tags out before tokenizing.
 
 Chunks: the tokens of each piece (tokenized separately, without start and end tokens) are
 filled into chunks of 75. When a chunk is full and the next token is not a comma, the tokens
@@ -27,6 +29,8 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from vlrt.errors import VlrtError
+
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 CHUNK_TOKENS = 75
@@ -35,6 +39,7 @@ COMMA_BACKTRACK = 20
 _WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _ESCAPABLE = "()[]\\"
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^<>]*)>")
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,41 @@ class Fragment:
 
 
 BREAK = Fragment("BREAK", 1.0, is_break=True)
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """`<lora:NAME:SCALE>`: the LoRA file NAME (without its extension) at SCALE."""
+
+    name: str
+    scale: float = 1.0
+
+    def __str__(self) -> str:
+        return f"<lora:{self.name}:{self.scale:g}>"
+
+
+def split_lora_tags(prompt: str) -> tuple[str, tuple[LoraTag, ...]]:
+    """The prompt with its `<lora:…>` tags removed (the text around them kept, as the WebUI does),
+    and the tags in order. Tags the WebUI has and vlrt does not apply are refused, not read as text."""
+    tags: list[LoraTag] = []
+
+    def take(match: re.Match[str]) -> str:
+        kind, args = match.group(1), match.group(2).split(":")
+        if kind != "lora":
+            raise VlrtError(f"prompt tag {match.group(0)} is not supported: vlrt applies <lora:NAME:SCALE> tags only; remove it")
+        name, scales = args[0].strip(), [a.strip() for a in args[1:]]
+        scale = _number(scales[0]) if len(scales) == 1 else (1.0 if not scales else None)
+        if not name or scale is None:
+            raise VlrtError(
+                f"prompt tag {match.group(0)} is not <lora:NAME> or <lora:NAME:SCALE> with one numeric scale "
+                "(separate text-encoder and UNet scales are not supported): write it as <lora:NAME:0.8>"
+            )
+        if any(tag.name == name for tag in tags):
+            raise VlrtError(f"prompt names <lora:{name}> twice: keep one tag per LoRA")
+        tags.append(LoraTag(name, scale))
+        return ""
+
+    return _EXTRA_NETWORK.sub(take, prompt), tuple(tags)
 
 
 def parse_prompt(prompt: str) -> list[Fragment]:

@@ -121,6 +121,8 @@ class Settings:
                                       "epsilon or v_prediction", choices=PREDICTION_TYPES)
     vae: str = _f("", "a VAE in place of the model's: a diffusers folder or a .safetensors/.ckpt file")
     lora: list[str] = _f([], "PATH[:SCALE] of a LoRA fused into the model (repeatable; a list in the config; scale 1 by default)")
+    lora_dir: str = _f("", "folder where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors (subfolders too, "
+                           "as the WebUI's models/Lora)")
     clip_skip: int = _f(1, "CLIP skip as in the WebUI: 1 uses the text encoder's last layer, 2 the penultimate, ...")
     backend: str = _f(
         "auto", "engine backend: auto (TensorRT with a GPU, else ONNX Runtime), torch, ort, trt", group=RUN,
