@@ -238,3 +238,19 @@ def test_lora_tags_are_taken_out_of_the_prompt(text, want_text, want_tags):
 def test_tags_vlrt_does_not_apply_are_refused_not_encoded_as_text(text, message):
     with pytest.raises(VlrtError, match=message):
         split_lora_tags(text)
+
+
+@pytest.mark.parametrize("text", ["a [cat:dog:0.5]", "[cat:dog:10] in a field", "a [cow|horse] grazing", "[ears:0.3]",
+                                  "[cat::5]", "[(cat:1.2):dog:5]", "((a [b:c:2]))"])
+def test_prompt_editing_and_alternation_are_refused_not_misread_as_emphasis(text):
+    with pytest.raises(VlrtError, match="prompt editing or alternation"):
+        parse_prompt(text)
+
+
+@pytest.mark.parametrize("text, want", [
+    ("[(cat:1.2)]", [("cat", round(1.2 / 1.1, 6))]),
+    (r"\[a:b\]", [("[a:b]", 1.0)]),
+    ("(a:1.1) [b] c:d", [("a", 1.1), (" ", 1.0), ("b", round(1 / 1.1, 6)), (" c:d", 1.0)]),
+])
+def test_colons_in_weights_escapes_and_plain_text_are_no_prompt_editing(text, want):
+    assert parsed(text) == want

@@ -15,6 +15,8 @@ its code:
 - Neighbouring pieces of equal weight are joined before tokenizing, so `(a)(b)` reads as `ab`.
 - `<lora:NAME>` and `<lora:NAME:SCALE>` (the WebUI's extra-network tags) are no text: the render
   fuses those LoRAs (`vlrt.lora`) and `split_lora_tags` takes the tags out before tokenizing.
+- Prompt editing `[from:to:when]` and alternation `[a|b]` (a `:` or `|` inside square brackets,
+  outside a weight) are refused: vlrt keeps one prompt for all of a sample's steps.
 
 Chunks: the tokens of each piece (tokenized separately, without start and end tokens) are
 filled into chunks of 75. When a chunk is full and the next token is not a comma, the tokens
@@ -40,6 +42,8 @@ _WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _ESCAPABLE = "()[]\\"
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^<>]*)>")
+_ESCAPED = re.compile(r"\\.")
+_EDITING = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]")
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,7 @@ def split_lora_tags(prompt: str) -> tuple[str, tuple[LoraTag, ...]]:
 
 def parse_prompt(prompt: str) -> list[Fragment]:
     """The prompt as weighted text pieces and BREAK markers, equal neighbours joined."""
+    _refuse_prompt_editing(prompt)
     pieces: list[list] = []  # [text, weight, is_break], weights multiplied in place as brackets close
     round_open: list[int] = []
     square_open: list[int] = []
@@ -147,6 +152,18 @@ def parse_prompt(prompt: str) -> list[Fragment]:
     for start in reversed(square_open):
         scale(start, SQUARE_MULTIPLIER)
     return _join(pieces)
+
+
+def _refuse_prompt_editing(prompt: str) -> None:
+    """The WebUI's prompt editing `[from:to:when]` and alternation `[a|b]` change the prompt between
+    sampling steps, which vlrt does not do; read as emphasis they would silently mean something else."""
+    text = _WEIGHT.sub(")", _ESCAPED.sub("", prompt))  # the ':' of (word:1.2) is a weight
+    found = _EDITING.search(text)
+    if found:
+        raise VlrtError(
+            f"the prompt's {found.group(0)} is the WebUI's prompt editing or alternation, which vlrt does not do: "
+            "change the prompt over frames with prompt_schedule instead, or escape the brackets as \\[ \\]"
+        )
 
 
 def _number(text: str) -> float | None:
