@@ -299,7 +299,7 @@ def test_png_write_failure_leaves_no_partial_file(tmp_path, pictures, monkeypatc
     monkeypatch.setattr(Image.Image, "save", fail_midway)
     sink = open_sink(f"{tmp_path}/", fps=FPS)
     sink.write(Frame(0, pictures[0]))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(VlrtError, match="writing frame 0 to the output failed: disk full"):
         sink.close()
     assert os.listdir(tmp_path) == []
 

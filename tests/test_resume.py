@@ -1,9 +1,12 @@
-"""Resuming: a render SIGKILLed at any moment, then run again with --resume, gives exactly the
-frames of an uninterrupted render; a video file is kept as whole parts until it is joined."""
+"""Resuming: a render SIGKILLed at any moment, or stopped by SIGTERM, an engine error or a full
+disk, then run again with --resume, gives exactly the frames of an uninterrupted render; a video
+file is kept as whole parts until it is joined. A closed output pipe ends a render in one line."""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -265,3 +268,97 @@ def test_killed_video_render_resumes_to_the_same_frames(tmp_path, source, refere
     assert len(got) == RENDERED
     for image, expected in zip(got, reference):
         np.testing.assert_array_equal(image, expected)
+
+
+# --- renders stopped by a signal, an engine error or a full disk, then resumed ------------------
+
+
+def test_sigterm_stops_cleanly_says_how_to_resume_and_resume_finishes(tmp_path, source, reference):
+    out = tmp_path / "frames"
+    args = render_args(source, f"{out}/")
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    launcher = LAUNCHER.format(parts=SMALL_PARTS, slow_join=False)
+    process = subprocess.Popen([sys.executable, "-c", launcher, *args], stderr=subprocess.PIPE, env=env)
+    try:
+        wait_for(lambda: (out / "000003.png").exists() or process.poll() is not None, timeout=300)
+        process.send_signal(signal.SIGTERM)
+        err = process.communicate(timeout=120)[1].decode().strip()
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert err.splitlines() == ["vlrt: interrupted (finished frames are kept: run the same command with --resume to continue)"]
+    assert 4 <= len(read_frames(out)) < RENDERED
+    render_here([*args, "--resume"])
+    got = read_frames(out)
+    assert len(got) == RENDERED
+    for image, expected in zip(got, reference):
+        np.testing.assert_array_equal(image, expected)
+
+
+def test_an_engine_error_mid_render_names_the_frame_and_resume_finishes(tmp_path, source, reference, capsys, monkeypatch):
+    from vlrt.engines.torch_engine import TorchEngine
+
+    run, calls = TorchEngine._run, []
+
+    def failing(self, feed):
+        calls.append(self.component)
+        if len(calls) == 40:  # of 72: 12 frames × 2 passes × (encode, UNet, decode)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return run(self, feed)
+
+    out = tmp_path / "frames"
+    args = render_args(source, f"{out}/")
+    with monkeypatch.context() as patch:
+        patch.setattr(TorchEngine, "_run", failing)
+        patch.setattr("vlrt.io.parts.PART_FRAMES", SMALL_PARTS)
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("vlrt: error: the engines failed while rendering frame "), err
+    assert "CUDA error: an illegal memory access was encountered; finished frames are kept" in err and "--resume" in err
+    kept = len(read_frames(out))
+    assert 0 < kept < RENDERED
+    render_here([*args, "--resume"])
+    got = read_frames(out)
+    assert len(got) == RENDERED
+    for image, expected in zip(got, reference):
+        np.testing.assert_array_equal(image, expected)
+
+
+def test_a_full_disk_names_the_frame_that_failed_and_resume_finishes(tmp_path, source, reference, capsys, monkeypatch):
+    import vlrt.io.sinks
+
+    write_png = vlrt.io.sinks.write_png
+
+    def disk_full(path, image, alpha):
+        if path.name == "000006.png":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_png(path, image, alpha)
+
+    out = tmp_path / "frames"
+    args = render_args(source, f"{out}/")
+    with monkeypatch.context() as patch:
+        patch.setattr(vlrt.io.sinks, "write_png", disk_full)
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("vlrt: error: writing frame 6 to the output failed: No space left on device; finished frames are kept: "
+                   "free space or fix the output, then run the same command with --resume")
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
+    render_here([*args, "--resume"])
+    got = read_frames(out)
+    assert len(got) == RENDERED
+    for image, expected in zip(got, reference):
+        np.testing.assert_array_equal(image, expected)
+
+
+def test_a_closed_output_pipe_ends_the_render_with_one_line_and_status_3(source):
+    """The reader (`vlrt render … -o - | head -c N`) goes away after a frame: no traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen([sys.executable, "-m", "vlrt", *render_args(source, "-"), "--output-format", "rawvideo"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = process.stdout.read(SIZE[0] * SIZE[1] * 3)
+    process.stdout.close()
+    err = process.stderr.read().decode().strip()
+    process.wait(timeout=300)
+    assert len(first) == SIZE[0] * SIZE[1] * 3
+    assert process.returncode == 3, err
+    assert "\n" not in err and err.startswith("vlrt: error: output pipe closed by the reader"), err

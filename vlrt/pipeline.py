@@ -188,7 +188,7 @@ class Pipeline:
                         stages[i + 1].push(frame)
                     elif wanted(frame):
                         on_output(frame)
-                        _write(sink, frame)
+                        sink.write(frame)
                         written += 1
                 if stage.finished and i + 1 < len(stages) and not stages[i + 1].closed:
                     stages[i + 1].close()
@@ -367,17 +367,6 @@ def pipeline_reach(settings: Settings) -> int:
     plus FastDVDNet's 2 after each pass when it is on."""
     per_pass = len(settings.temporal_weights()) // 2 + (2 if settings.video_post_process_method == "fastdvdnet" else 0)
     return settings.loop_n * per_pass
-
-
-def _write(sink: Sink, frame: Frame) -> None:
-    """Hand a finished frame to the output; a full disk or a dead device is named, not a traceback."""
-    try:
-        sink.write(frame)
-    except OSError as exc:
-        raise VlrtError(
-            f"writing frame {frame.index} to the output failed: {exc.strerror or exc}; finished frames are kept: "
-            "free space or fix the output, then run the same command with --resume"
-        ) from exc
 
 
 class _Collect:

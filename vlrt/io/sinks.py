@@ -46,7 +46,7 @@ class Sink:
     """
 
     def __init__(self) -> None:
-        self._worker: BackgroundWorker[Frame] = BackgroundWorker(self._write_now, QUEUED_FRAMES, name="vlrt-encode")
+        self._worker: BackgroundWorker[Frame] = BackgroundWorker(self._write_named, QUEUED_FRAMES, name="vlrt-encode")
         self._done = False
 
     def write(self, frame: Frame) -> None:
@@ -83,6 +83,17 @@ class Sink:
             self.close()
         else:
             self.abort()
+
+    def _write_named(self, frame: Frame) -> None:
+        """A full disk or a dead device, named with the frame that failed (frames are queued, so the
+        producer learns of it a few frames later)."""
+        try:
+            self._write_now(frame)
+        except OSError as exc:
+            raise VlrtError(
+                f"writing frame {frame.index} to the output failed: {exc.strerror or exc}; finished frames are kept: "
+                "free space or fix the output, then run the same command with --resume"
+            ) from exc
 
     # Hooks, run on the worker thread (`_write_now`) or after it has stopped (the others).
     def _write_now(self, frame: Frame) -> None:
