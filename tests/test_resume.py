@@ -233,15 +233,20 @@ def reference(tmp_path_factory, source) -> list[np.ndarray]:
     return frames
 
 
-def test_killed_png_render_resumes_to_the_same_frames(tmp_path, source, reference):
-    out = tmp_path / "frames"
-    args = render_args(source, f"{out}/")
-    kill_when(args, appears(out / "000005.png"), tmp_path / "log")  # mid-render
+def resume_to_reference(args: list[str], out: Path, reference: list[np.ndarray]) -> None:
+    """Run ARGS with --resume to completion: the PNG folder OUT then holds the reference frames."""
     render_here([*args, "--resume"])
     got = read_frames(out)
     assert len(got) == RENDERED
     for image, expected in zip(got, reference):
         np.testing.assert_array_equal(image, expected)
+
+
+def test_killed_png_render_resumes_to_the_same_frames(tmp_path, source, reference):
+    out = tmp_path / "frames"
+    args = render_args(source, f"{out}/")
+    kill_when(args, appears(out / "000005.png"), tmp_path / "log")  # mid-render
+    resume_to_reference(args, out, reference)
 
 
 def test_killed_video_render_resumes_to_the_same_frames(tmp_path, source, reference):
@@ -288,11 +293,7 @@ def test_sigterm_stops_cleanly_says_how_to_resume_and_resume_finishes(tmp_path, 
     assert process.returncode == 130, err
     assert err.splitlines() == ["vlrt: interrupted (finished frames are kept: run the same command with --resume to continue)"]
     assert 4 <= len(read_frames(out)) < RENDERED
-    render_here([*args, "--resume"])
-    got = read_frames(out)
-    assert len(got) == RENDERED
-    for image, expected in zip(got, reference):
-        np.testing.assert_array_equal(image, expected)
+    resume_to_reference(args, out, reference)
 
 
 def test_an_engine_error_mid_render_names_the_frame_and_resume_finishes(tmp_path, source, reference, capsys, monkeypatch):
@@ -317,11 +318,7 @@ def test_an_engine_error_mid_render_names_the_frame_and_resume_finishes(tmp_path
     assert "CUDA error: an illegal memory access was encountered; finished frames are kept" in err and "--resume" in err
     kept = len(read_frames(out))
     assert 0 < kept < RENDERED
-    render_here([*args, "--resume"])
-    got = read_frames(out)
-    assert len(got) == RENDERED
-    for image, expected in zip(got, reference):
-        np.testing.assert_array_equal(image, expected)
+    resume_to_reference(args, out, reference)
 
 
 def test_a_full_disk_names_the_frame_that_failed_and_resume_finishes(tmp_path, source, reference, capsys, monkeypatch):
@@ -343,11 +340,7 @@ def test_a_full_disk_names_the_frame_that_failed_and_resume_finishes(tmp_path, s
     assert err == ("vlrt: error: writing frame 6 to the output failed: No space left on device; finished frames are kept: "
                    "free space or fix the output, then run the same command with --resume")
     assert sorted(p.name for p in out.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
-    render_here([*args, "--resume"])
-    got = read_frames(out)
-    assert len(got) == RENDERED
-    for image, expected in zip(got, reference):
-        np.testing.assert_array_equal(image, expected)
+    resume_to_reference(args, out, reference)
 
 
 def test_a_closed_output_pipe_ends_the_render_with_one_line_and_status_3(source):
