@@ -25,6 +25,7 @@ import av
 import numpy as np
 import pytest
 from conftest import read_frames
+from PIL import Image
 
 from vlrt.cli import main
 from vlrt.demo.clip import sample_frames, write_sample_clip
@@ -59,15 +60,21 @@ def clip(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, clip) -> list[np.ndarray]:
-    """The frames of one render in one fresh `vlrt` process, without Ray, as a user runs it (not in
-    this test process, whose state dozens of earlier tests have touched: once in several full
-    runs a frame of a render here differed by 1 level from the same render anywhere else)."""
-    out = tmp_path_factory.mktemp("reference") / "out"
-    done = subprocess.run([sys.executable, "-m", "vlrt", "render", str(clip), "-o", f"{out}/", *RENDER, "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+def reference_render(tmp_path_factory, clip) -> Path:
+    """One render (frames in out/, and preview.png) in one fresh `vlrt` process, without Ray, as a
+    user runs it (not in this test process, whose state dozens of earlier tests have touched: once
+    in several full runs a frame of a render here differed by 1 level from the same render anywhere else)."""
+    folder = tmp_path_factory.mktemp("reference")
+    done = subprocess.run([sys.executable, "-m", "vlrt", "render", str(clip), "-o", f"{folder}/out/", *RENDER, "--quiet",
+                           "--preview", str(folder / "preview.png")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    frames = read_frames(out)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(reference_render) -> list[np.ndarray]:
+    """The frames of that one render."""
+    frames = read_frames(reference_render / "out")
     assert len(frames) == FRAMES
     return frames
 
@@ -115,6 +122,16 @@ def test_three_segments_give_the_frames_of_one_render_with_one_progress_bar(ray_
     assert bars and "30/30" in bars[-1] and "S1:10 S2:10 S3:10" in bars[-1]  # one bar over all segments
     settings = (tmp_path / "out" / "settings.toml").read_text()
     assert "complete = true" in settings and "seed = 7" in settings
+
+
+def test_the_preview_of_a_segmented_render_is_that_of_one_render(ray_cluster, clip, reference_render, tmp_path):
+    """No process sees every frame, so the driver reads the sheet's frames back from input and output."""
+    preview = tmp_path / "preview.png"
+    assert main(["render", str(clip), "-o", f"{tmp_path}/out/", *RENDER, "--segments", "3", "--ray", ray_cluster,
+                 "--preview", str(preview), "--quiet"]) == 0
+    one_render = np.asarray(Image.open(reference_render / "preview.png"))
+    assert one_render.shape[0] > 2 * SIZE[1]  # two rows of frames: inputs above outputs
+    assert np.array_equal(np.asarray(Image.open(preview)), one_render)
 
 
 def test_without_the_halo_the_middle_segment_would_differ(ray_cluster, clip, reference, tmp_path):
@@ -219,7 +236,6 @@ def test_a_killed_driver_resumes_with_only_the_missing_segments(ray_cluster, cli
         ("clip.mp4", "out.mp4", ["--ray", "auto"], "--ray and --gpus-per-segment apply only to segmented renders"),
         ("clip.mp4", "out.mp4", ["--segments", "2", "--gpus-per-segment", "-1"], "--gpus-per-segment -1: give 0 or more"),
         ("clip.mp4", "out.mp4", ["--segments", "2", "--save-every-loop"], "--save-every-loop is not made by segmented"),
-        ("clip.mp4", "out.mp4", ["--segments", "2", "--preview", "p.png"], "--preview is not made by segmented renders"),
         ("clip.mp4", "out.avi", ["--segments", "2"], "cannot tell the video format of output"),
         ("clip.mp4", "out.mp4", ["--segments", "2", "--ray", "127.0.0.1:1"], "cannot connect to Ray at '127.0.0.1:1'"),
     ],

@@ -76,10 +76,12 @@ def _render(args: argparse.Namespace) -> int:
     if args.segments is not None:
         from vlrt.distributed import render_segments
 
+        from vlrt.pipeline import preview_from_output
+
+        result = render_segments(settings, args.input, args.output, segments=args.segments, ray_address=args.ray or "auto",
+                                 gpus_per_segment=args.gpus_per_segment, quiet=args.quiet, resume=args.resume)
         if preview is not None:
-            raise VlrtError("--preview is not made by segmented renders: drop --preview, or use 'vlrt preview'")
-        render_segments(settings, args.input, args.output, segments=args.segments, ray_address=args.ray or "auto",
-                        gpus_per_segment=args.gpus_per_segment, quiet=args.quiet, resume=args.resume)
+            preview_from_output(result.settings, args.input, args.output, preview)
     else:
         from vlrt.pipeline import render
 

@@ -44,6 +44,7 @@ from vlrt.run_state import (
     resume_settings,
     write_settings,
 )
+from vlrt.resize import resize_frame
 from vlrt.samplers import check_sampler
 from vlrt.settings import Settings
 from vlrt.stages.base import Stage
@@ -331,6 +332,24 @@ def _stream(
     finally:
         progress.close()
     return written
+
+
+def preview_from_output(settings: Settings, input_spec: str, output_spec: str, preview: Path) -> None:
+    """The --preview sheet of a finished render, read back from its input and output: a segmented
+    render's frames pass through no one process. Inputs are resized as the render resized them."""
+    with open_source(output_spec) as output:
+        collector = PreviewCollector(output.info.frame_count)
+        for frame in output:
+            collector.see_output(frame)
+    shown = collector.outputs
+    with _open_source(settings, input_spec, None) as source:
+        for frame in source:
+            if frame.index in shown:
+                height, width = shown[frame.index].shape[:2]
+                collector.inputs[frame.index] = resize_frame(frame, width, height, settings.resize_mode).image
+            if len(collector.inputs) == len(shown):
+                break
+    collector.save(preview)
 
 
 def audio_for(settings: Settings, info: SourceInfo) -> Path | None:
