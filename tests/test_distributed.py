@@ -9,7 +9,8 @@ FastDVDNet after every pass (reach 3 × (1 + 2) = 9 frames), the demo model with
 colours matched to the first frame (which every segment must then read, halo or not).
 `--max-batch 1`: on the CPU a batched UNet call can round a row differently from the same row in a
 batch of another size, and a segment's batches start at other frames than one render's (the same
-reason as in test_resume.py); this suite checks what segmenting itself guarantees.
+reason as in test_resume.py); and the one-process renders compute on one thread as the segment
+tasks do (`one_thread`): this suite checks what segmenting itself guarantees.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import torch
 from conftest import read_frames
 from PIL import Image
 
@@ -59,15 +62,25 @@ def clip(tmp_path_factory) -> Path:
     return write_sample_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", frames=FRAMES, fps=24, size=SIZE)
 
 
+@contextmanager
+def one_thread():
+    """Torch on one thread, as every segment task computes: torch's CPU kernels split their sums by
+    thread, so another thread count can round a value differently (one pixel level in a frame, for
+    some clips), and the comparison here is with what segmenting itself guarantees."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def reference_render(tmp_path_factory, clip) -> Path:
-    """One render (frames in out/, and preview.png) in one fresh `vlrt` process, without Ray, as a
-    user runs it (not in this test process, whose state dozens of earlier tests have touched: once
-    in several full runs a frame of a render here differed by 1 level from the same render anywhere else)."""
+    """One render (frames in out/, and preview.png) in this process, without Ray."""
     folder = tmp_path_factory.mktemp("reference")
-    done = subprocess.run([sys.executable, "-m", "vlrt", "render", str(clip), "-o", f"{folder}/out/", *RENDER, "--quiet",
-                           "--preview", str(folder / "preview.png")], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    with one_thread():
+        assert main(["render", str(clip), "-o", f"{folder}/out/", *RENDER, "--quiet", "--preview", str(folder / "preview.png")]) == 0
     return folder
 
 
@@ -142,7 +155,8 @@ def test_without_the_halo_the_middle_segment_would_differ(ray_cluster, clip, ref
     for frame in open_source(str(clip), start=10):
         if frame.index < 20:
             av.VideoFrame.from_ndarray(frame.image, format="rgb24").to_image().save(cut / f"{frame.index:04d}.png")
-    assert main(["render", f"{cut}/", "-o", f"{tmp_path / 'out'}/", *RENDER, "--quiet"]) == 0
+    with one_thread():
+        assert main(["render", f"{cut}/", "-o", f"{tmp_path / 'out'}/", *RENDER, "--quiet"]) == 0
     alone = read_frames(tmp_path / "out")
     assert len(alone) == 10
     assert not np.array_equal(alone[0], reference[10])
@@ -266,7 +280,8 @@ def test_more_segments_than_frames_render_one_segment_per_frame(ray_cluster, tmp
     base = ["--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2", "--denoising-strength", "0.5",
             "--temporal-superimpose-alpha-list", "0.2,0.6,0.2", "--max-batch", "1"]
     args = [*base, "--seed", "3"]
-    assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'one'}/", *args, "--quiet"]) == 0
+    with one_thread():
+        assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'one'}/", *args, "--quiet"]) == 0
     assert main(["render", f"{frames}/", "-o", f"{tmp_path / 'many'}/", *args, "--segments", "10",
                  "--gpus-per-segment", "0"]) == 0
     assert "the input has 4 frames: rendering 4 segments, not 10" in capsys.readouterr().err
