@@ -10,7 +10,7 @@ colours matched to the first frame (which every segment must then read, halo or 
 `--max-batch 1`: on the CPU a batched UNet call can round a row differently from the same row in a
 batch of another size, and a segment's batches start at other frames than one render's (the same
 reason as in test_resume.py); and the one-process renders compute on one thread as the segment
-tasks do (`one_thread`): this suite checks what segmenting itself guarantees.
+tasks do (`vlrt.distributed.one_thread` says why). This suite checks what segmenting itself guarantees.
 """
 
 from __future__ import annotations
@@ -20,19 +20,17 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-import torch
 from conftest import read_frames
 from PIL import Image
 
 from vlrt.cli import main
 from vlrt.demo.clip import sample_frames, write_sample_clip
-from vlrt.distributed import import_ray, start_local_ray
+from vlrt.distributed import import_ray, one_thread, start_local_ray
 from vlrt.io.parts import parts_folder
 from vlrt.io.segment_parts import segment_folder
 from vlrt.io.sources import open_source
@@ -60,19 +58,6 @@ def ray_cluster():
 def clip(tmp_path_factory) -> Path:
     """H.264 with B-frames and AAC sound: segments seek into it."""
     return write_sample_clip(tmp_path_factory.mktemp("clip") / "clip.mp4", frames=FRAMES, fps=24, size=SIZE)
-
-
-@contextmanager
-def one_thread():
-    """Torch on one thread, as every segment task computes: torch's CPU kernels split their sums by
-    thread, so another thread count can round a value differently (one pixel level in a frame, for
-    some clips), and the comparison here is with what segmenting itself guarantees."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

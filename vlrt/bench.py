@@ -122,8 +122,6 @@ def bench_color_drift(modes: tuple[str, ...] = ("none", "original", "first"), lo
     Drift of a pass: the distance between each output frame's mean RGB and its input frame's, in
     8-bit levels, averaged over the frames.
     """
-    import numpy as np
-
     from vlrt.demo.clip import sample_frames
     from vlrt.io.sources import open_source
     from vlrt.models import load_model
@@ -159,7 +157,7 @@ def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: 
     2 segments (one thread each), alternated (best of `repeats`, after a warm-up of Ray's workers);
     the frames each rendered (VAE encodes per pass: `max_batch` 1 makes them one call each) and the
     largest difference from the one-process frames."""
-    from vlrt.distributed import import_ray, render_segments, start_local_ray
+    from vlrt.distributed import import_ray, one_thread, render_segments, start_local_ray
     from vlrt.pipeline import render
 
     settings = build_settings(overrides=SEGMENT_SETTINGS)
@@ -168,16 +166,12 @@ def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: 
     start_local_ray(ray, os.cpu_count() or 1)
     startup = time.perf_counter() - started
 
-    def one_thread(out: str):
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as each segment task computes
-        try:
+    def one_process(out: str):
+        with one_thread():  # as each segment task computes
             return render(settings, str(clip), out, quiet=True)
-        finally:
-            torch.set_num_threads(threads)
 
     runs = {
-        "one process, no Ray": one_thread,
+        "one process, no Ray": one_process,
         "Ray, 1 segment": lambda out: render_segments(settings, str(clip), out, segments=1, quiet=True),
         "Ray, 2 segments": lambda out: render_segments(settings, str(clip), out, segments=2, quiet=True),
     }

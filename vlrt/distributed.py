@@ -286,10 +286,10 @@ class SegmentResult:
 
 def _prepare(settings: Settings, input_spec: str) -> tuple[PreparedRender, list[str]]:
     """The preparation task: `pipeline.prepare_render`, and what it had to say."""
-    _one_thread()
     messages: list[str] = []
-    model = open_model(settings, pick_device(settings.device))
-    return prepare_render(settings, input_spec, model=model, log=messages.append), messages
+    with one_thread():
+        model = open_model(settings, pick_device(settings.device))
+        return prepare_render(settings, input_spec, model=model, log=messages.append), messages
 
 
 def _render_segment(
@@ -297,7 +297,6 @@ def _render_segment(
     kill_hook: str | None,
 ) -> SegmentResult:
     """One segment's task: render its frames into the output; a video file's share is sealed when whole."""
-    _one_thread()
     model = open_model(settings, pick_device(settings.device))
     sink = open_sink(output_spec, fps=fps, codec=settings.codec, crf=settings.crf, lossless=settings.lossless,
                      segment=(segment.start, segment.stop))
@@ -315,8 +314,9 @@ def _render_segment(
             reported = time.monotonic()
 
     try:
-        calls = render_span(settings, input_spec, segment.start, segment.stop, model=model, on_frame=on_frame,
-                            engine_log=messages.append)
+        with one_thread():
+            calls = render_span(settings, input_spec, segment.start, segment.stop, model=model, on_frame=on_frame,
+                                engine_log=messages.append)
         if written != segment.frames:
             raise VlrtError(
                 f"frames {segment.start}-{segment.stop - 1} of {input_spec} gave {written} frames, not {segment.frames} "
@@ -334,12 +334,20 @@ def _render_segment(
     return SegmentResult(calls, messages)
 
 
-def _one_thread() -> None:
-    """A task asks Ray for one CPU, so it computes on one thread: more segments use more cores, and
-    threads of tasks sharing cores do not wait on each other (torch's thread pool on a busy machine can)."""
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as every segment task computes. A task asks Ray for one CPU, so more
+    segments use more cores and tasks sharing cores do not wait on each other's thread pools. On the
+    CPU a one-process render equals a segmented one bit for bit only on one thread too: torch's
+    kernels split their sums by thread, so another count can round a value differently."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _test_kill(hook: str, segment: int) -> None:
