@@ -49,7 +49,6 @@ class InpaintPlan:
 
     sd_image: np.ndarray  # (H, W, 3): the picture SD starts from
     latent_mask: np.ndarray  # (H/scale, W/scale) float32 in {0, 1}: 1 where SD may change latents
-    fill: str
     init: np.ndarray  # the init image the result is pasted over
     overlay: np.ndarray  # (H, W) uint8: how much of SD's result each pixel takes when pasted back
     region: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) of "only masked", else None
@@ -81,7 +80,7 @@ def plan_inpaint(init: np.ndarray, edit_mask: np.ndarray, options: InpaintOption
         overlay = np.minimum(blurred.astype(np.uint16) * 2, 255).astype(np.uint8)
     if options.inpainting_fill == FILL:
         sd_image = fill_masked(sd_image, sd_mask)
-    return InpaintPlan(sd_image, latent_mask(sd_mask, latent_scale), options.inpainting_fill, init, overlay, region)
+    return InpaintPlan(sd_image, latent_mask(sd_mask, latent_scale), init, overlay, region)
 
 
 def latent_mask(mask: np.ndarray, scale: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlrt.color import ColorAnchor
+from vlrt.color import FIRST, ORIGINAL, ColorAnchor
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
 from vlrt.io.images import read_image
@@ -60,7 +60,7 @@ class Preparer:
     def frames(self, frames: Iterator[Frame], first: int = 0) -> Iterator[Frame]:
         """The prepared frames from index `first` on (frame 0 is still seen: it anchors `first` colours)."""
         for frame in frames:
-            if frame.index == 0 and self.settings.color_correction == "first":
+            if frame.index == 0 and self.settings.color_correction == FIRST:
                 self.first_anchor = ColorAnchor(self._resized(frame).image)
             if frame.index >= first:
                 yield self(frame)
@@ -75,9 +75,9 @@ class Preparer:
             meta["reference"] = self._references(frame)
         if self.settings.read_prompt_from_txt:
             meta["prompts"] = read_prompt_file(meta["path"])
-        if self.settings.color_correction == "original":
+        if self.settings.color_correction == ORIGINAL:
             meta["color_anchor"] = ColorAnchor(frame.image)
-        elif self.settings.color_correction == "first":
+        elif self.settings.color_correction == FIRST:
             meta["color_anchor"] = self.first_anchor
         return replace(frame, meta=meta)
 
