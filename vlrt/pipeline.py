@@ -339,7 +339,7 @@ def preview_from_output(settings: Settings, input_spec: str, output_spec: str, p
     render's frames pass through no one process. Inputs are resized as the render resized them."""
     with open_source(output_spec) as output:
         collector = PreviewCollector(output.info.frame_count)
-        for frame in output:
+        for frame in takewhile(lambda f: f.index <= collector.indices[-1], output):
             collector.see_output(frame)
     shown = collector.outputs
     with _open_source(settings, input_spec, None) as source:

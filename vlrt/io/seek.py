@@ -23,21 +23,24 @@ from vlrt.errors import VlrtError
 from vlrt.io.video_in import decoded_frames, open_video
 
 
-def frame_times(path: str, label: str, format: str | None = None) -> list[int] | None:
-    """The presentation timestamps of the video's frames in order, or None when they cannot number them."""
+def _packet_times(path: str, label: str, format: str | None) -> list[int | None]:
+    """The presentation timestamp of every frame-carrying video packet, read by the demuxer without decoding."""
     with open_video(path, label, format=format) as container:
         stream = container.streams.video[0]
-        times = [packet.pts for packet in container.demux(stream) if packet.size and not packet.is_discard]
+        return [packet.pts for packet in container.demux(stream) if packet.size and not packet.is_discard]
+
+
+def frame_times(path: str, label: str, format: str | None = None) -> list[int] | None:
+    """The presentation timestamps of the video's frames in order, or None when they cannot number them."""
+    times = _packet_times(path, label, format)
     if any(t is None for t in times) or len(set(times)) != len(times):
         return None
     return sorted(times)
 
 
 def count_video_frames(path: str, label: str, format: str | None = None) -> int:
-    """How many frames the video holds: its packets, counted by the demuxer without decoding."""
-    with open_video(path, label, format=format) as container:
-        stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size and not packet.is_discard)
+    """How many frames the video holds: its packets, counted without decoding."""
+    return len(_packet_times(path, label, format))
 
 
 def frames_from(path: str, label: str, first: int, format: str | None = None) -> Iterator[av.VideoFrame]:
