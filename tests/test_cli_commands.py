@@ -66,8 +66,8 @@ def test_output_frame_rate_and_the_default_source_rate_over_extract_nth_frame(tm
     clip = write_sample_clip(tmp_path / "clip.mp4", frames=12)
     with av.open(str(clip)) as container:
         source_fps = container.streams.video[0].average_rate
-    for extra, want in ((["--output-frame-rate", "12.5"], 12.5), (["--extract-nth-frame", "3"], source_fps / 3)):
-        out = tmp_path / f"out{len(extra[1])}.mkv"
+    for k, (extra, want) in enumerate(((["--output-frame-rate", "12.5"], 12.5), (["--extract-nth-frame", "3"], source_fps / 3))):
+        out = tmp_path / f"out{k}.mkv"
         assert main(["render", str(clip), "-o", str(out), "--model", "demo", "--loop-n", "0", *extra, "--quiet"]) == 0
         with av.open(str(out)) as container:
             assert abs(float(container.streams.video[0].average_rate) - float(want)) < 1e-3

@@ -75,7 +75,6 @@ def _render(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if args.segments is not None:
         from vlrt.distributed import render_segments
-
         from vlrt.pipeline import preview_from_output
 
         result = render_segments(settings, args.input, args.output, segments=args.segments, ray_address=args.ray or "auto",

@@ -46,7 +46,8 @@ class LoraSpec:
 
 
 def lora_specs(flags: tuple[str, ...], tags: tuple[LoraTag, ...], lora_dir: str) -> list[LoraSpec]:
-    """The LoRAs of a render: the `--lora` ones, then those the prompt's tags name, each file once."""
+    """The LoRAs of a render: the `--lora` ones, then those the prompt's tags name; a file named
+    both ways is refused (it would be fused twice)."""
     specs = [LoraSpec.parse(flag) for flag in flags]
     for tag in tags:
         spec = LoraSpec(_tagged_file(tag, lora_dir), tag.scale)
