@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch (a local wheel on this project's machines). On an NVIDIA machine use
 # `make setup TORCH="torch --index-url https://download.pytorch.org/whl/cu128"` instead.
 TORCH ?= torch==2.13.0
-# CLIP's tokenizer vocabulary for single-file checkpoints (vlrt/clip_vocab.py): only its data file
+# CLIP's tokenizer vocabulary for single-file checkpoints (vlrt/model/clip_vocab.py): only its data file
 # is read, so its dependencies (torchvision, timm) are not installed.
 CLIP_VOCAB ?= open_clip_torch==3.3.0
 DEMO_DIR := demo_out

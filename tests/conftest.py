@@ -19,7 +19,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def demo_model():
-    from vlrt.models import load_model
+    from vlrt.model.loading import load_model
 
     return load_model("demo", torch.device("cpu"))
 
@@ -34,7 +34,7 @@ def tiny8_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny8_model(tiny8_dir):
-    from vlrt.models import load_model
+    from vlrt.model.loading import load_model
 
     return load_model(str(tiny8_dir), torch.device("cpu"))
 

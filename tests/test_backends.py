@@ -7,8 +7,8 @@ import pytest
 from conftest import read_frames
 
 from vlrt.cli import main
-from vlrt.pipeline import render
-from vlrt.settings import build_settings
+from vlrt.render.pipeline import render
+from vlrt.settings.config import build_settings
 
 
 def _render(model, folder, out, **overrides):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlrt import blend
 from vlrt.frames import Frame
-from vlrt.resize import CROP_AND_RESIZE, JUST_RESIZE, RESIZE_AND_FILL, resize_frame
+from vlrt.image import blend
+from vlrt.image.resize import CROP_AND_RESIZE, JUST_RESIZE, RESIZE_AND_FILL, resize_frame
 
 rng = np.random.default_rng(0)
 

@@ -19,13 +19,13 @@ from original_layout import to_original
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from vlrt.checkpoints import CONFIGS, check_shipped, detect_architecture
 from vlrt.cli import main
-from vlrt.clip_vocab import clip_tokenizer
 from vlrt.errors import VlrtError
-from vlrt.models import ModelOptions, load_model
-from vlrt.pipeline import render
-from vlrt.settings import build_settings
+from vlrt.model.checkpoints import CONFIGS, check_shipped, detect_architecture
+from vlrt.model.clip_vocab import clip_tokenizer
+from vlrt.model.loading import ModelOptions, load_model
+from vlrt.render.pipeline import render
+from vlrt.settings.config import build_settings
 
 CPU = torch.device("cpu")
 
@@ -130,7 +130,7 @@ def test_clip_tokenizer_comes_from_the_installed_open_clip_vocabulary():
 def test_missing_vocabulary_package_says_how_to_install_it(monkeypatch):
     import importlib.metadata
 
-    from vlrt import clip_vocab
+    from vlrt.model import clip_vocab
 
     def missing(name):
         raise importlib.metadata.PackageNotFoundError(name)
@@ -202,7 +202,7 @@ def test_single_file_options_on_the_command_line(tiny8_dir, tiny8_model, clip_fo
     assert code == 0 and len(read_frames(out)) == 1
     saved = tomllib.loads((out / "settings.toml").read_text())["render"]
     assert (saved["model_config"], saved["prediction_type"], saved["clip_skip"]) == (str(tiny8_dir), "v_prediction", 2)
-    from vlrt.pipeline import open_model
+    from vlrt.render.pipeline import open_model
 
     model = open_model(build_settings(saved), CPU)
     assert model.scheduler_config["prediction_type"] == "v_prediction" and model.prompts.clip_skip == 2

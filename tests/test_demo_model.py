@@ -7,7 +7,7 @@ import torch
 
 from vlrt.demo import DEMO_MODEL_DIR
 from vlrt.demo.clip import sample_frames
-from vlrt.jobs import image_to_tensor, tensor_to_image
+from vlrt.executor.jobs import image_to_tensor, tensor_to_image
 
 
 def test_demo_folder_is_small_and_loads_offline(demo_model):

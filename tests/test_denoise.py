@@ -78,8 +78,8 @@ def test_alpha_channel_passes_through_untouched(weights, tmp_path):
 
 def test_render_with_fastdvdnet_is_deterministic(demo_model, clip_folder, tmp_path):
     """The synthetic noise comes from the run's seed: two runs give the same frames, another seed does not."""
-    from vlrt.pipeline import render
-    from vlrt.settings import build_settings
+    from vlrt.render.pipeline import render
+    from vlrt.settings.config import build_settings
 
     def run(seed, name):
         s = build_settings(overrides=dict(model="demo", backend="torch", loop_n=2, steps=2, denoising_strength=0.5, seed=seed,

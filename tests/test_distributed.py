@@ -10,7 +10,7 @@ colours matched to the first frame (which every segment must then read, halo or 
 `--max-batch 1`: on the CPU a batched UNet call can round a row differently from the same row in a
 batch of another size, and a segment's batches start at other frames than one render's (the same
 reason as in test_resume.py); and the one-process renders compute on one thread as the segment
-tasks do (`vlrt.distributed.one_thread` says why). This suite checks what segmenting itself guarantees.
+tasks do (`vlrt.scale.distributed.one_thread` says why). This suite checks what segmenting itself guarantees.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from PIL import Image
 
 from vlrt.cli import main
 from vlrt.demo.clip import sample_frames, write_sample_clip
-from vlrt.distributed import import_ray, one_thread, start_local_ray
 from vlrt.io.parts import parts_folder
 from vlrt.io.segment_parts import segment_folder
 from vlrt.io.sources import open_source
-from vlrt.segments import split
+from vlrt.scale.distributed import import_ray, one_thread, start_local_ray
+from vlrt.scale.segments import split
 
 FRAMES, SIZE = 30, (32, 32)
 RENDER = [

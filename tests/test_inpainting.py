@@ -12,16 +12,16 @@ from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image, ImageChops
 
 from vlrt.cli import main
-from vlrt.color import ColorAnchor
 from vlrt.demo.clip import sample_frames
 from vlrt.errors import VlrtError
-from vlrt.inpaint import InpaintOptions, fill_masked, latent_mask, plan_inpaint
+from vlrt.image.color import ColorAnchor
+from vlrt.image.inpaint import InpaintOptions, fill_masked, latent_mask, plan_inpaint
+from vlrt.image.resize import RESIZE_AND_FILL, resize_plane
 from vlrt.io.sources import open_source
-from vlrt.pipeline import render
-from vlrt.prepare import Preparer
-from vlrt.resize import RESIZE_AND_FILL, resize_plane
-from vlrt.samplers import SAMPLERS
-from vlrt.settings import build_settings
+from vlrt.model.samplers import SAMPLERS
+from vlrt.render.pipeline import render
+from vlrt.render.prepare import Preparer
+from vlrt.settings.config import build_settings
 
 W, H = 64, 48
 FAST = dict(model="demo", backend="torch", steps=4, denoising_strength=0.5, cfg_scale=5.0, seed=5, prompt="a fox",

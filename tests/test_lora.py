@@ -18,7 +18,6 @@ from tiny_sd import load_pipeline
 
 from vlrt.cli import main
 from vlrt.demo import DEMO_MODEL_DIR
-from vlrt.engine_picker import build_engines, sd_networks
 from vlrt.engines.base import UNET
 from vlrt.engines.modules import UNetModule
 from vlrt.engines.trt_engine import trt_available
@@ -26,10 +25,11 @@ from vlrt.errors import VlrtError
 from vlrt.export import onnx_export
 from vlrt.export.onnx_export import export_onnx
 from vlrt.export.reweight import reweight_onnx
-from vlrt.lora import LoraSpec
-from vlrt.models import ModelOptions, load_model
-from vlrt.pipeline import render
-from vlrt.settings import build_settings
+from vlrt.model.loading import ModelOptions, load_model
+from vlrt.model.lora import LoraSpec
+from vlrt.render.engine_picker import build_engines, sd_networks
+from vlrt.render.pipeline import render
+from vlrt.settings.config import build_settings
 
 CPU = torch.device("cpu")
 TRT_OK, TRT_WHY = trt_available()

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops, ImageFilter
 
-from vlrt.blend import FLOOR, ROUND
-from vlrt.color import ColorAnchor, lab_to_rgb, match_histograms, rgb_to_lab
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
-from vlrt.masks import MaskSource, blur_mask, composite, crop_region, invert_mask
-from vlrt.prompt_files import frame_prompts, read_prompt_file
-from vlrt.resize import CROP_AND_RESIZE, JUST_RESIZE, RESIZE_AND_FILL
-from vlrt.temporal_diff import diff_mask_blend, difference_mask, reference_lists
+from vlrt.image.blend import FLOOR, ROUND
+from vlrt.image.color import ColorAnchor, lab_to_rgb, match_histograms, rgb_to_lab
+from vlrt.image.masks import MaskSource, blur_mask, composite, crop_region, invert_mask
+from vlrt.image.resize import CROP_AND_RESIZE, JUST_RESIZE, RESIZE_AND_FILL
+from vlrt.image.temporal_diff import diff_mask_blend, difference_mask, reference_lists
+from vlrt.settings.prompt_files import frame_prompts, read_prompt_file
 
 W, H = 8, 6
 rng = np.random.default_rng(7)

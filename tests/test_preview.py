@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from vlrt.cli import main
-from vlrt.contact_sheet import GAP, LABEL_HEIGHT
+from vlrt.image.contact_sheet import GAP, LABEL_HEIGHT
 from vlrt.stages.loop_pass import LoopPass
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.prompt_embeddings import PromptEncoder
-from vlrt.prompt_syntax import BREAK, CHUNK_TOKENS, Fragment, LoraTag, chunk_prompt, parse_prompt, split_lora_tags
+from vlrt.model.prompt_embeddings import PromptEncoder
+from vlrt.model.prompt_syntax import BREAK, CHUNK_TOKENS, Fragment, LoraTag, chunk_prompt, parse_prompt, split_lora_tags
 
 CPU = torch.device("cpu")
 
@@ -188,9 +188,9 @@ def test_clip_skip_out_of_range_is_a_clear_error(demo_model):
 def test_long_prompts_get_their_own_onnx_unet_and_match_torch(demo_model, tmp_path):
     """ONNX UNets have a static prompt length: rows of a 150-token prompt (2 chunks) get a 154-token
     engine of their own, built on first use, that computes what torch computes."""
-    from vlrt.engine_picker import build_engines, sd_networks
     from vlrt.engines.base import UNET
     from vlrt.engines.modules import UNetModule
+    from vlrt.render.engine_picker import build_engines, sd_networks
 
     long = " ".join(["x"] * 150)  # 150 tokens with the demo tokenizer: two chunks
     cond, uncond = demo_model.encode_pair(long, "blurry")

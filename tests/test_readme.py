@@ -63,7 +63,7 @@ def test_every_readme_command_and_option_is_driven_by_a_test_or_the_demo():
 def test_every_setting_is_in_the_readme_parameter_table():
     from dataclasses import fields
 
-    from vlrt.settings import Settings
+    from vlrt.settings.config import Settings
 
     table = "\n".join(line for line in README.splitlines() if line.startswith("| `"))
     assert [f.name for f in fields(Settings) if f"`{f.name}`" not in table] == []

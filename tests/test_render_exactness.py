@@ -9,9 +9,9 @@ from conftest import read_frames
 from PIL import Image
 from tiny_sd import load_pipeline
 
-from vlrt.pipeline import render
-from vlrt.samplers import SAMPLERS
-from vlrt.settings import build_settings
+from vlrt.model.samplers import SAMPLERS
+from vlrt.render.pipeline import render
+from vlrt.settings.config import build_settings
 
 PROMPT, NEGATIVE = "a watercolour fox", "blurry"
 

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 from vlrt.demo.clip import sample_frames
-from vlrt.doctor import add_doctor_parser
 from vlrt.errors import VlrtError
-from vlrt.report import add_report_parser, flicker_report, report_beside_output, write_plot
+from vlrt.tools.doctor import add_doctor_parser
+from vlrt.tools.report import add_report_parser, flicker_report, report_beside_output, write_plot
 
 SIZE = (64, 48)
 FRAMES = 16

@@ -1,4 +1,4 @@
-"""Tests for the safe schedule evaluator (vlrt/schedule.py).
+"""Tests for the safe schedule evaluator (vlrt/settings/schedule.py).
 
 The original extension ran schedules with bare `eval`; these tests pin the replacement down:
 the SPEC §1.2 placeholders still work, a hostile corpus is refused with one clear line and never
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFilter
 
 from vlrt.errors import VlrtError
-from vlrt.schedule import Expression, compile_expression, compile_post_processing
+from vlrt.settings.schedule import Expression, compile_expression, compile_post_processing
 
 POST = "image_post_processing_schedule"
 

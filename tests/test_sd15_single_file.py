@@ -20,11 +20,11 @@ from original_layout import to_original
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from vlrt.checkpoints import CONFIGS
-from vlrt.clip_vocab import clip_tokenizer
-from vlrt.models import load_model
-from vlrt.pipeline import render
-from vlrt.settings import build_settings
+from vlrt.model.checkpoints import CONFIGS
+from vlrt.model.clip_vocab import clip_tokenizer
+from vlrt.model.loading import load_model
+from vlrt.render.pipeline import render
+from vlrt.settings.config import build_settings
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")

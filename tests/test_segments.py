@@ -16,7 +16,7 @@ from vlrt.io.parts import parts_folder
 from vlrt.io.segment_parts import keep_only, segment_folder, segment_parts
 from vlrt.io.sinks import join_video, open_sink
 from vlrt.io.sources import open_source
-from vlrt.segments import halo_overhead, split
+from vlrt.scale.segments import halo_overhead, split
 
 FPS = Fraction(24)
 

@@ -7,9 +7,9 @@ import torch
 
 from vlrt.cli import build_parser, settings_from_args
 from vlrt.errors import VlrtError
-from vlrt.noise import slerp
-from vlrt.params import ParamResolver
-from vlrt.settings import build_settings, dump_settings, load_config
+from vlrt.executor.noise import slerp
+from vlrt.settings.config import build_settings, dump_settings, load_config
+from vlrt.settings.params import ParamResolver
 
 
 def test_command_line_overrides_config_and_aliases_work(tmp_path):

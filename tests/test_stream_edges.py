@@ -7,8 +7,8 @@ import pytest
 from conftest import read_frames, write_frames
 
 from vlrt.demo.clip import sample_frames
-from vlrt.pipeline import render
-from vlrt.settings import build_settings
+from vlrt.render.pipeline import render
+from vlrt.settings.config import build_settings
 
 
 @pytest.mark.parametrize("frames", [1, 2])

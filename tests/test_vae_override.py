@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from vlrt.cli import main
 from vlrt.demo import DEMO_MODEL_DIR
 from vlrt.errors import VlrtError
-from vlrt.models import ModelOptions, load_model
+from vlrt.model.loading import ModelOptions, load_model
 
 CPU = torch.device("cpu")
 

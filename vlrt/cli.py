@@ -18,7 +18,7 @@ from typing import Any
 
 from vlrt import __version__
 from vlrt.errors import OutputClosed, VlrtError
-from vlrt.settings import Settings, build_settings, field_default, load_config
+from vlrt.settings.config import Settings, build_settings, field_default, load_config
 
 
 def _type_of(annotation: str) -> Any:
@@ -74,21 +74,21 @@ def _render(args: argparse.Namespace) -> int:
         raise VlrtError("--report needs a file or folder output to read back; drop --report when writing to a pipe")
     settings = settings_from_args(args)
     if args.segments is not None:
-        from vlrt.distributed import render_segments
-        from vlrt.pipeline import preview_from_output
+        from vlrt.render.pipeline import preview_from_output
+        from vlrt.scale.distributed import render_segments
 
         result = render_segments(settings, args.input, args.output, segments=args.segments, ray_address=args.ray or "auto",
                                  gpus_per_segment=args.gpus_per_segment, quiet=args.quiet, resume=args.resume)
         if preview is not None:
             preview_from_output(result.settings, args.input, args.output, preview)
     else:
-        from vlrt.pipeline import render
+        from vlrt.render.pipeline import render
 
         if args.ray is not None or args.gpus_per_segment is not None:
             raise VlrtError("--ray and --gpus-per-segment apply only to segmented renders: add --segments N")
         render(settings, args.input, args.output, quiet=args.quiet, preview=preview, resume=args.resume)
     if args.report:
-        from vlrt.report import format_summary, report_beside_output
+        from vlrt.tools.report import format_summary, report_beside_output
 
         report = report_beside_output(
             args.output, args.input, extract_nth_frame=settings.extract_nth_frame, max_frames=settings.max_frames
@@ -102,9 +102,9 @@ def _preview(args: argparse.Namespace) -> int:
     import itertools
     from dataclasses import replace
 
-    from vlrt.pipeline import open_model, pick_device, render_span
-    from vlrt.preview import parse_sweep, sweep_grid
-    from vlrt.settings import build_settings as check
+    from vlrt.render.pipeline import open_model, pick_device, render_span
+    from vlrt.render.preview import parse_sweep, sweep_grid
+    from vlrt.settings.config import build_settings as check
 
     settings = settings_from_args(args)
     try:
@@ -143,7 +143,7 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from vlrt import bench
+    from vlrt.tools import bench
 
     sections = args.sections or ["throughput", "memory", "fastdvdnet"]
     unknown = set(sections) - set(bench.SECTIONS)
@@ -154,7 +154,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _denoise(args: argparse.Namespace) -> int:
-    from vlrt.pipeline import denoise
+    from vlrt.render.pipeline import denoise
 
     settings = build_settings(
         {},
@@ -170,7 +170,7 @@ def _denoise(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from vlrt.engine_picker import (
+    from vlrt.render.engine_picker import (
         build_engines,
         default_engines_dir,
         fastdvdnet_networks,
@@ -178,7 +178,7 @@ def _export(args: argparse.Namespace) -> int:
         resolve_backend,
         sd_networks,
     )
-    from vlrt.pipeline import fastdvdnet_network, open_model, pick_device
+    from vlrt.render.pipeline import fastdvdnet_network, open_model, pick_device
 
     settings = settings_from_args(args)
     device = pick_device(settings.device)
@@ -275,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments (default: the first three)")
     bench.set_defaults(run=_bench)
 
-    from vlrt.doctor import add_doctor_parser
-    from vlrt.report import add_report_parser
+    from vlrt.tools.doctor import add_doctor_parser
+    from vlrt.tools.report import add_report_parser
 
     add_report_parser(commands)
     add_doctor_parser(commands)

@@ -1,6 +1,6 @@
 """A segment's share of a video-file output, kept apart until the segment is whole.
 
-A segment-parallel render (`vlrt.distributed`) of `out.mp4` keeps, in the output's parts folder
+A segment-parallel render (`vlrt.scale.distributed`) of `out.mp4` keeps, in the output's parts folder
 (`.out.mp4.parts/`, see `vlrt.io.parts`), one folder per finished segment:
 `segment-00000030-00000060/` for frames 30 … 59, holding that segment's parts as `PartWriter`
 writes them, numbered from the segment's first frame (`00000000.mkv`, `00000032.mkv`, …). Each

@@ -15,13 +15,13 @@ from collections import deque
 import numpy as np
 import torch
 
-from vlrt import blend
 from vlrt.engines.base import FASTDVDNET_BLOCK1, FASTDVDNET_BLOCK2
-from vlrt.executor import Executor
+from vlrt.executor.executor import Executor
+from vlrt.executor.noise import generator
 from vlrt.fastdvdnet.streaming import StreamingDenoiser
 from vlrt.frames import Frame
-from vlrt.masks import composite
-from vlrt.noise import generator
+from vlrt.image import blend
+from vlrt.image.masks import composite
 from vlrt.stages.base import Stage
 
 

@@ -6,7 +6,7 @@ method); SD runs on it `n_iter × batch_size` times; the samples are averaged (b
 colour-corrected when asked, and superimposed on this pass's unblended input frame f with weight
 α; the post-processing filter, if any, runs last.
 
-With a mask (`Frame.meta["mask"]`, 255 = change) the frame is inpainted (vlrt.inpaint), and
+With a mask (`Frame.meta["mask"]`, 255 = change) the frame is inpainted (vlrt.image.inpaint), and
 outside the mask the frame stays this pass's input exactly: the temporal blend, the superimpose
 and the post-processing filter act inside the mask only (the filter on the whole frame with
 `post_process_outside_mask`, the extension's way). A frame whose mask is empty is not sent to SD.
@@ -22,20 +22,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from vlrt import blend
 from vlrt.errors import VlrtError
-from vlrt.executor import Executor
+from vlrt.executor.executor import Executor
+from vlrt.executor.jobs import Img2ImgJob
 from vlrt.frames import Frame
-from vlrt.inpaint import InpaintOptions, InpaintPlan, plan_inpaint
-from vlrt.jobs import Img2ImgJob
-from vlrt.masks import composite
-from vlrt.models import Model
-from vlrt.params import FrameParams, ParamResolver
-from vlrt.prompt_files import frame_prompts
-from vlrt.samplers import make_scheduler
-from vlrt.settings import Settings
+from vlrt.image import blend
+from vlrt.image.inpaint import InpaintOptions, InpaintPlan, plan_inpaint
+from vlrt.image.masks import composite
+from vlrt.image.temporal_diff import DIFFERENCE_METHOD, diff_mask_blend
+from vlrt.model.loading import Model
+from vlrt.model.samplers import make_scheduler
+from vlrt.settings.config import Settings
+from vlrt.settings.params import FrameParams, ParamResolver
+from vlrt.settings.prompt_files import frame_prompts
 from vlrt.stages.base import Stage
-from vlrt.temporal_diff import DIFFERENCE_METHOD, diff_mask_blend
 
 
 @dataclass

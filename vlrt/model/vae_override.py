@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from vlrt.checkpoints import SUFFIXES, read_shapes, read_torch_checkpoint
 from vlrt.errors import VlrtError
+from vlrt.model.checkpoints import SUFFIXES, read_shapes, read_torch_checkpoint
 
 DECODER_IN = "decoder.conv_in.weight"  # [channels, latent channels, 3, 3] in both layouts
 

@@ -15,7 +15,7 @@ from collections import defaultdict
 import torch
 
 from vlrt.engines.base import EngineSet
-from vlrt.jobs import Img2ImgJob, Phase
+from vlrt.executor.jobs import Img2ImgJob, Phase
 
 
 class Executor:

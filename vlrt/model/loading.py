@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from vlrt.checkpoints import check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
 from vlrt.errors import VlrtError
-from vlrt.lora import apply_loras, lora_specs, untagged_prompt
-from vlrt.prompt_embeddings import PromptEncoder
-from vlrt.prompt_syntax import LoraTag
-from vlrt.vae_override import load_vae
+from vlrt.model.checkpoints import check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
+from vlrt.model.lora import apply_loras, lora_specs, untagged_prompt
+from vlrt.model.prompt_embeddings import PromptEncoder
+from vlrt.model.prompt_syntax import LoraTag
+from vlrt.model.vae_override import load_vae
 
 COMPONENTS = {
     "unet": "config.json",

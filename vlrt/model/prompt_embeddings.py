@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.prompt_syntax import Chunk, chunk_prompt, parse_prompt
+from vlrt.model.prompt_syntax import Chunk, chunk_prompt, parse_prompt
 
 CHUNK_LENGTH = 77  # 75 tokens + start + end: CLIP's context
 

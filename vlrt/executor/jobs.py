@@ -17,8 +17,8 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from vlrt.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
-from vlrt.noise import generator, variation_noise
+from vlrt.executor.noise import generator, variation_noise
+from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
 
 
 class Phase(Enum):
@@ -60,7 +60,7 @@ class Img2ImgJob:
     ) -> None:
         """`latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
-        latents start from (see `vlrt.inpaint`)."""
+        latents start from (see `vlrt.image.inpaint`)."""
         self.image = image
         self.cond, self.uncond = cond, uncond
         self.guidance = guidance

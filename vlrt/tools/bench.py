@@ -20,7 +20,7 @@ import torch
 
 from vlrt.frames import Frame
 from vlrt.io.sinks import open_sink
-from vlrt.settings import Settings, build_settings
+from vlrt.settings.config import Settings, build_settings
 
 
 def _write_clip(path: Path, frames: int, size: tuple[int, int]) -> Path:
@@ -75,7 +75,7 @@ def bench_memory(
 
 def time_render(settings: Settings, clip: Path, model, repeats: int) -> float:
     """Best-of-`repeats` wall time of one in-process render to a throwaway output."""
-    from vlrt.pipeline import render
+    from vlrt.render.pipeline import render
 
     best = float("inf")
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +95,7 @@ def bench_throughput(
     time, so what every render pays once (loading engines, filling and draining the pipeline) does
     not count, as it does not on a long video.
     """
-    from vlrt.models import load_model
+    from vlrt.model.loading import load_model
 
     base = build_settings(
         overrides=dict(model="demo", loop_n=2, steps=8, denoising_strength=0.5, seed=1, cfg_scale=5.0,
@@ -124,8 +124,8 @@ def bench_color_drift(modes: tuple[str, ...] = ("none", "original", "first"), lo
     """
     from vlrt.demo.clip import sample_frames
     from vlrt.io.sources import open_source
-    from vlrt.models import load_model
-    from vlrt.pipeline import loop_output, render
+    from vlrt.model.loading import load_model
+    from vlrt.render.pipeline import loop_output, render
 
     model = load_model("demo", torch.device("cpu"))
     inputs = sample_frames(frames, size)
@@ -157,8 +157,8 @@ def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: 
     2 segments (one thread each), alternated (best of `repeats`, after a warm-up of Ray's workers);
     the frames each rendered (VAE encodes per pass: `max_batch` 1 makes them one call each) and the
     largest difference from the one-process frames."""
-    from vlrt.distributed import import_ray, one_thread, render_segments, start_local_ray
-    from vlrt.pipeline import render
+    from vlrt.render.pipeline import render
+    from vlrt.scale.distributed import import_ray, one_thread, render_segments, start_local_ray
 
     settings = build_settings(overrides=SEGMENT_SETTINGS)
     ray = import_ray(local=True)

@@ -8,12 +8,12 @@ folder, the model and the engine cache (`--engines`) at the same paths. Then:
 1. One task with a segment's resources runs `pipeline.prepare_render`: the render size, the input's exact
    frame count, and every engine the render needs, built into the engine cache, so that the segment
    tasks only load them (on a cluster a TensorRT plan is built where the segments run).
-2. The frames are split into contiguous segments (`vlrt.segments`), each rendered by its own task
+2. The frames are split into contiguous segments (`vlrt.scale.segments`), each rendered by its own task
    with `pipeline.render_span`, which reads the input from the start of the segment's halo (a video
    file seeks) and gives only the segment's own frames. A task writes them straight into the output:
    PNGs into an output folder, or for a video file the segment's parts (`vlrt.io.segment_parts`),
    which count only once the whole segment is sealed.
-3. The tasks report their frame counts to a small actor (`vlrt.segment_progress`); the driver shows
+3. The tasks report their frame counts to a small actor (`vlrt.scale.segment_progress`); the driver shows
    one progress bar.
 4. For a video file the driver joins the segments' parts in order without re-encoding and muxes the
    source's sound once (`vlrt.io.sinks.join_video`).
@@ -47,7 +47,7 @@ from vlrt.io.encoding import choose_encoding, file_muxer
 from vlrt.io.parts import Part
 from vlrt.io.segment_parts import keep_only, segment_parts
 from vlrt.io.sinks import join_video, open_sink
-from vlrt.pipeline import (
+from vlrt.render.pipeline import (
     PreparedRender,
     RenderResult,
     concrete_seeds,
@@ -57,11 +57,11 @@ from vlrt.pipeline import (
     prepare_render,
     render_span,
 )
-from vlrt.progress import Progress
-from vlrt.run_state import check_same_loras, is_folder_output, resume_settings, write_settings
-from vlrt.segment_progress import FrameCounter
-from vlrt.segments import Segment, halo_overhead, split
-from vlrt.settings import Settings
+from vlrt.render.progress import Progress
+from vlrt.render.run_state import check_same_loras, is_folder_output, resume_settings, write_settings
+from vlrt.scale.segment_progress import FrameCounter
+from vlrt.scale.segments import Segment, halo_overhead, split
+from vlrt.settings.config import Settings
 
 RETRIES = 3
 TEST_KILL_ENV = "VLRT_TEST_KILL_SEGMENT"

@@ -16,11 +16,11 @@ from typing import Any
 import tomli_w
 import tomllib
 
-from vlrt.color import COLOR_MODES
 from vlrt.errors import VlrtError
-from vlrt.inpaint import FILLS
-from vlrt.masks import MISSING_POLICIES
-from vlrt.temporal_diff import DIFFERENCE_METHOD
+from vlrt.image.color import COLOR_MODES
+from vlrt.image.inpaint import FILLS
+from vlrt.image.masks import MISSING_POLICIES
+from vlrt.image.temporal_diff import DIFFERENCE_METHOD
 
 # Field groups: "frames" settings change the rendered pictures (and must match on --resume);
 # "run" settings only change how the work is done or where it goes.

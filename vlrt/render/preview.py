@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlrt.contact_sheet import contact_sheet
 from vlrt.frames import Frame
+from vlrt.image.contact_sheet import contact_sheet
 
 COLUMNS = 4
 

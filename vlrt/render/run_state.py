@@ -13,7 +13,7 @@ from typing import Any
 
 from vlrt import __version__
 from vlrt.errors import VlrtError
-from vlrt.settings import FRAMES, SETTINGS_FIELDS, Settings, build_settings, dump_settings, load_config
+from vlrt.settings.config import FRAMES, SETTINGS_FIELDS, Settings, build_settings, dump_settings, load_config
 
 
 def is_folder_output(output: str) -> bool:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageChops
 
-from vlrt.blend import FLOOR, mean, quantise
 from vlrt.errors import VlrtError
+from vlrt.image.blend import FLOOR, mean, quantise
+from vlrt.image.masks import composite
 from vlrt.io.images import list_images
-from vlrt.masks import composite
 
 REFERENCE_SEPARATOR = "!!!"
 DIFFERENCE_METHOD = "with difference mask from reference"

@@ -33,8 +33,8 @@ from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
 from vlrt.engines.token_lengths import TokenLengthEngine
 from vlrt.engines.torch_engine import TorchEngine
 from vlrt.errors import VlrtError
-from vlrt.models import Model
-from vlrt.prompt_embeddings import CHUNK_LENGTH
+from vlrt.model.loading import Model
+from vlrt.model.prompt_embeddings import CHUNK_LENGTH
 
 if TYPE_CHECKING:
     from vlrt.export.cache import EngineCache
@@ -44,7 +44,7 @@ def default_engines_dir() -> Path:
     """$VLRT_ENGINES; else the checkout's engines/ folder when running from source; else the user cache."""
     if os.environ.get("VLRT_ENGINES"):
         return Path(os.environ["VLRT_ENGINES"])
-    checkout = Path(__file__).resolve().parent.parent / "engines"
+    checkout = Path(__file__).resolve().parents[2] / "engines"
     if (checkout / "README.md").is_file():
         return checkout
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlrt" / "engines"

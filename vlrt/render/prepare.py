@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vlrt.color import FIRST, ORIGINAL, ColorAnchor
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
+from vlrt.image.color import FIRST, ORIGINAL, ColorAnchor
+from vlrt.image.masks import MaskSource, invert_mask
+from vlrt.image.resize import resize_frame, resize_plane
+from vlrt.image.temporal_diff import DIFFERENCE_METHOD, reference_lists
 from vlrt.io.images import read_image
 from vlrt.io.sources import SourceInfo
-from vlrt.masks import MaskSource, invert_mask
-from vlrt.prompt_files import read_prompt_file
-from vlrt.resize import resize_frame, resize_plane
-from vlrt.settings import Settings
-from vlrt.temporal_diff import DIFFERENCE_METHOD, reference_lists
+from vlrt.settings.config import Settings
+from vlrt.settings.prompt_files import read_prompt_file
 
 
 class Preparer:

@@ -210,7 +210,7 @@ def doctor_lines(engines: Path) -> list[str]:
 
 def run_doctor(args: argparse.Namespace) -> int:
     """`vlrt doctor`: print the findings; always exit 0 (it reports, it does not judge)."""
-    from vlrt.engine_picker import default_engines_dir
+    from vlrt.render.engine_picker import default_engines_dir
 
     print("\n".join(doctor_lines(Path(args.engines) if args.engines else default_engines_dir())))
     return 0

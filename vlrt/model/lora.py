@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.prompt_syntax import LoraTag, split_lora_tags
+from vlrt.model.prompt_syntax import LoraTag, split_lora_tags
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from vlrt.errors import VlrtError
-from vlrt.schedule import Expression, compile_expression, compile_post_processing
-from vlrt.settings import Settings
+from vlrt.settings.config import Settings
+from vlrt.settings.schedule import Expression, compile_expression, compile_post_processing
 
 SCHEDULES = (
     "subseed_strength_schedule",

@@ -14,7 +14,7 @@ its code:
 - `BREAK` (upper case, a word of its own) ends the current chunk, also inside brackets.
 - Neighbouring pieces of equal weight are joined before tokenizing, so `(a)(b)` reads as `ab`.
 - `<lora:NAME>` and `<lora:NAME:SCALE>` (the WebUI's extra-network tags) are no text: the render
-  fuses those LoRAs (`vlrt.lora`) and `split_lora_tags` takes the tags out before tokenizing.
+  fuses those LoRAs (`vlrt.model.lora`) and `split_lora_tags` takes the tags out before tokenizing.
 - Prompt editing `[from:to:when]` and alternation `[a|b]` (a `:` or `|` inside square brackets,
   outside a weight) are refused: vlrt keeps one prompt for all of a sample's steps.
 

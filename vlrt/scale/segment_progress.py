@@ -1,7 +1,7 @@
 """The frame counts of a segment-parallel render's tasks, kept by a Ray actor for the driver's progress bar.
 
 Its own module, importing nothing heavy: an actor runs in a process of its own, which imports the
-module of its class, and this one starts in a moment where `vlrt.distributed` would load torch.
+module of its class, and this one starts in a moment where `vlrt.scale.distributed` would load torch.
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ from PIL import Image, ImageFilter
 
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
+from vlrt.image.resize import resize_plane
 from vlrt.io.images import list_images, read_image
-from vlrt.resize import resize_plane
 
 ERROR = "error"
 KEEP = "keep"

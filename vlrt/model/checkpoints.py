@@ -146,7 +146,7 @@ def load_checkpoint(
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from vlrt.clip_vocab import SD2_PAD, clip_tokenizer
+    from vlrt.model.clip_vocab import SD2_PAD, clip_tokenizer
 
     if not (config / "model_index.json").is_file():
         raise VlrtError(f"model_config {config} is not a diffusers config folder (no model_index.json)")

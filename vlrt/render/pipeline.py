@@ -22,21 +22,22 @@ from typing import BinaryIO
 import torch
 from torch import nn
 
-from vlrt.color import FIRST
-from vlrt.engine_picker import default_engines_dir, open_engines
 from vlrt.engines.base import EngineSet
 from vlrt.errors import VlrtError
-from vlrt.executor import Executor
+from vlrt.executor.executor import Executor
 from vlrt.frames import Frame
+from vlrt.image.color import FIRST
+from vlrt.image.resize import resize_frame
 from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, SourceInfo, open_source
-from vlrt.models import Model, ModelOptions, load_model
-from vlrt.params import ParamResolver
-from vlrt.prepare import Preparer
-from vlrt.preview import PreviewCollector
-from vlrt.progress import Progress
-from vlrt.prompt_syntax import split_lora_tags
-from vlrt.run_state import (
+from vlrt.model.loading import Model, ModelOptions, load_model
+from vlrt.model.prompt_syntax import split_lora_tags
+from vlrt.model.samplers import check_sampler
+from vlrt.render.engine_picker import default_engines_dir, open_engines
+from vlrt.render.prepare import Preparer
+from vlrt.render.preview import PreviewCollector
+from vlrt.render.progress import Progress
+from vlrt.render.run_state import (
     check_same_loras,
     finished_folder_frames,
     finished_video_frames,
@@ -44,9 +45,8 @@ from vlrt.run_state import (
     resume_settings,
     write_settings,
 )
-from vlrt.resize import resize_frame
-from vlrt.samplers import check_sampler
-from vlrt.settings import Settings
+from vlrt.settings.config import Settings
+from vlrt.settings.params import ParamResolver
 from vlrt.stages.base import Stage
 from vlrt.stages.denoise import Denoise
 from vlrt.stages.loop_pass import LoopPass

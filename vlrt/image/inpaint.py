@@ -14,7 +14,7 @@ For a frame whose edit mask (255 = change) is given:
    (zeros).
 4. The latent mask (the mask SD sees, at latent resolution, rounded to 0/1) keeps the unmasked
    latents on the init image's noising trajectory at every step (diffusers' way for ordinary,
-   4-channel UNets); see `vlrt.jobs`.
+   4-channel UNets); see `vlrt.executor.jobs`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from vlrt.masks import blur_mask, composite, crop_region
-from vlrt.resize import CROP_AND_RESIZE, RESIZE_AND_FILL, resize_plane
+from vlrt.image.masks import blur_mask, composite, crop_region
+from vlrt.image.resize import CROP_AND_RESIZE, RESIZE_AND_FILL, resize_plane
 
 FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING = "fill", "original", "latent noise", "latent nothing"
 FILLS = (FILL, ORIGINAL, LATENT_NOISE, LATENT_NOTHING)

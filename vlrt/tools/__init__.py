@@ -1,0 +1,1 @@
+"""Commands around a render: benchmarks, the flicker report, the environment doctor."""
