@@ -149,7 +149,7 @@ def _bench(args: argparse.Namespace) -> int:
     unknown = set(sections) - set(bench.SECTIONS)
     if unknown:
         raise VlrtError(f"unknown bench section(s) {', '.join(sorted(unknown))}: choose from {', '.join(bench.SECTIONS)}")
-    bench.run(sections)
+    bench.run(sections, profile=args.profile, as_json=args.json)
     return 0
 
 
@@ -272,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     den.set_defaults(run=_denoise)
 
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
-    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments (default: the first three)")
+    bench.add_argument("sections", nargs="*",
+                       help="throughput, memory, fastdvdnet, soak, color, segments, occupancy (default: the first three)")
+    bench.add_argument("--profile", default="h100", choices=("h100", "rtx4090"),
+                       help="occupancy: the modelled GPU's engine times (default h100)")
+    bench.add_argument("--json", action="store_true", help="occupancy: print one JSON object per case instead of a table")
     bench.set_defaults(run=_bench)
 
     from vlrt.tools.doctor import add_doctor_parser

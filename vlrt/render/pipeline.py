@@ -222,11 +222,13 @@ def render(
     model: Model | None = None,
     preview: Path | None = None,
     resume: bool = False,
+    engines: EngineSet | None = None,
 ) -> RenderResult:
     """Render INPUT to OUTPUT with these settings; nothing that looks finished is left on failure.
 
     With `resume`, an interrupted render of the same output with the same settings is continued:
     frames already finished are kept and the rest are rendered exactly as an uninterrupted run would.
+    `model` and `engines` are given when the caller has them already (previews, benchmarks).
     """
     check_sampler(settings.sampler_name)
     start = 0
@@ -245,7 +247,7 @@ def render(
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
         settings, prepare = _settle(settings, source.info, model, resolver)
-        executor = Executor(_engines(settings, model, denoiser, device, progress.log))
+        executor = Executor(engines or _engines(settings, model, denoiser, device, progress.log))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
         if settings.save_every_loop and output_spec == "-":

@@ -211,11 +211,21 @@ def table(rows: list[tuple], header: tuple) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments")
+SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "occupancy")
 
 
-def run(sections: list[str], out: Callable[[str], None] = print) -> None:
-    """Run the chosen benchmark sections and print markdown tables."""
+def run(sections: list[str], out: Callable[[str], None] = print, profile: str = "h100", as_json: bool = False) -> None:
+    """Run the chosen benchmark sections and print markdown tables (occupancy: JSON with `as_json`)."""
+    if "occupancy" in sections and as_json:
+        import json
+
+        from vlrt.tools.occupancy import bench_occupancy
+
+        for result in bench_occupancy(profile):
+            out(json.dumps(result.as_json()))
+        sections = [s for s in sections if s != "occupancy"]
+        if not sections:
+            return
     out(f"vlrt bench on {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
         f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}\n")
     if "throughput" in sections:
@@ -271,6 +281,17 @@ def run(sections: list[str], out: Callable[[str], None] = print) -> None:
                          "max diff vs one process")))
         out(f"\nRay start-up (once, not in the times above): {r['startup']:.1f} s; load average at the end: "
             f"{' '.join(f'{x:.1f}' for x in r['load'])}\n")
+    if "occupancy" in sections:
+        from vlrt.tools.occupancy import PROFILES, bench_occupancy
+
+        results = bench_occupancy(profile)
+        costs = ", ".join(f"{name} {a:g} + {b:g}·rows ms" for name, (a, b) in PROFILES[profile].items())
+        out(f"## Occupancy against a modelled {profile} ({costs}; {results[0].frames} real 512×512 frames, "
+            "3-tap temporal, max_batch 8, mp4 out)\n")
+        rows = [(r.case, f"{r.occupancy:.2f}", f"{r.frames_per_s:.2f}", f"{r.device_bound_frames_per_s:.2f}",
+                 f"{r.wall_s:.1f}", f"{r.busy_s:.1f}") for r in results]
+        out(table(rows, ("settings", "occupancy", "frames/s", "device-bound frames/s", "wall (s)", "engines busy (s)")))
+        out("")
     if "soak" in sections:
         soak = ("render", "--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2",
                 "--denoising-strength", "0.5", "--seed", "1")

@@ -1,0 +1,149 @@
+"""`vlrt bench occupancy`: how busy the host would keep a GPU, measured without one.
+
+The engines are stand-ins for a modelled device: each call waits `a + b·rows` milliseconds (the
+time TensorRT fp16 would take on that GPU for SD 1.5 at 512×512) and returns tensors of the right
+shapes. Everything else is the real renderer: the source decodes a real 512×512 clip, the stages,
+executor and samplers run as in any render, and the sink encodes an mp4. Occupancy is the
+engines' busy time over the wall time: where it is low, the host is the bottleneck and a real GPU
+would sit idle. What this does not measure: a real GPU (transfer costs, kernel overlap, the
+engines' own speed).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+
+from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet
+from vlrt.settings.config import build_settings
+
+# Milliseconds per call: (fixed, per row), for SD 1.5 at 512×512 in TensorRT fp16.
+PROFILES: dict[str, dict[str, tuple[float, float]]] = {
+    "h100": {UNET: (1.0, 2.3), VAE_ENCODER: (0.5, 4.0), VAE_DECODER: (0.5, 8.0)},
+}
+PROFILES["rtx4090"] = {name: (a * 2.5, b * 2.5) for name, (a, b) in PROFILES["h100"].items()}
+
+# The two settings the issue names: the extension's usual look, and a fast few-step one.
+CASES: dict[str, dict] = {
+    "loop_n 4, 20 steps × 0.4, CFG 7": dict(loop_n=4, steps=20, denoising_strength=0.4, cfg_scale=7.0),
+    "loop_n 10, 8 steps × 0.5, CFG 1.5, batch_size 2": dict(
+        loop_n=10, steps=8, denoising_strength=0.5, cfg_scale=1.5, batch_size=2
+    ),
+}
+
+
+class ModelledEngine(Engine):
+    """An engine that takes the modelled device time and returns outputs of the right shapes.
+
+    The wait is a sleep, so, like a GPU, it leaves the host's CPU free for other work; the time
+    spent is added to `busy` (seconds).
+    """
+
+    backend = "modelled"
+
+    def __init__(self, component: str, cost_ms: tuple[float, float], max_batch: int, scale: int, channels: int) -> None:
+        super().__init__(component, max_batch, torch.device("cpu"))
+        self.cost_ms, self.scale, self.channels = cost_ms, scale, channels
+        self.busy = 0.0
+        self._lock = threading.Lock()
+
+    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        first = next(iter(feed.values()))
+        rows = first.shape[0]
+        started = time.perf_counter()
+        time.sleep((self.cost_ms[0] + self.cost_ms[1] * rows) / 1000)
+        out = self._outputs(feed, rows)
+        with self._lock:
+            self.busy += time.perf_counter() - started
+        return out
+
+    def _outputs(self, feed: Mapping[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        if self.component == UNET:
+            return {"noise_pred": feed["sample"] * 0.1}
+        if self.component == VAE_ENCODER:
+            image = feed["image"]
+            h, w = image.shape[2] // self.scale, image.shape[3] // self.scale
+            mean = image[:, :1, :: self.scale, :: self.scale].expand(rows, self.channels, h, w)
+            return {"moments": torch.cat([mean, torch.full_like(mean, -10.0)], dim=1)}
+        latent = feed["latent"]
+        picture = latent[:, :3].clamp(-1, 1).repeat_interleave(self.scale, 2).repeat_interleave(self.scale, 3)
+        return {"image": picture}
+
+
+def modelled_engines(profile: str, max_batch: int, scale: int = 8, channels: int = 4) -> EngineSet:
+    costs = PROFILES[profile]
+    return EngineSet(**{name: ModelledEngine(name, cost, max_batch, scale, channels) for name, cost in costs.items()})
+
+
+def _scale8_model():
+    """The demo model with an SD-shaped VAE config (scale factor 8, 4 latent channels): only its
+    shapes matter, the modelled engines compute nothing."""
+    from vlrt.model.loading import load_model
+
+    model = load_model("demo", torch.device("cpu"))
+    vae = AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=2, layers_per_block=1,
+    )
+    return replace(model, vae=vae)
+
+
+@dataclass
+class Occupancy:
+    profile: str
+    case: str
+    frames: int
+    wall_s: float
+    busy_s: float
+    calls: dict[str, int]
+
+    @property
+    def occupancy(self) -> float:
+        return self.busy_s / self.wall_s
+
+    @property
+    def frames_per_s(self) -> float:
+        return self.frames / self.wall_s
+
+    @property
+    def device_bound_frames_per_s(self) -> float:
+        """Frames/s if the host cost nothing: the modelled device busy all the time."""
+        return self.frames / self.busy_s
+
+    def as_json(self) -> dict:
+        return {"profile": self.profile, "case": self.case, "frames": self.frames, "wall_s": round(self.wall_s, 3),
+                "engine_busy_s": round(self.busy_s, 3), "occupancy": round(self.occupancy, 4),
+                "frames_per_s": round(self.frames_per_s, 3),
+                "device_bound_frames_per_s": round(self.device_bound_frames_per_s, 3), "engine_calls": self.calls}
+
+
+def bench_occupancy(profile: str = "h100", frames: int = 24, size: tuple[int, int] = (512, 512),
+                    cases: Mapping[str, dict] | None = None, max_batch: int = 8) -> list[Occupancy]:
+    """Render a real clip through the real pipeline on modelled engines, once per case."""
+    from vlrt.render.pipeline import render
+    from vlrt.tools.bench import _write_clip
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
+    model = _scale8_model()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = _write_clip(Path(tmp) / "clip.mkv", frames, size)
+        for name, overrides in (cases or CASES).items():
+            settings = build_settings(overrides=dict(
+                model="demo", seed=1, temporal_superimpose_alpha_list="0.2,0.6,0.2", max_batch=max_batch, **overrides
+            ))
+            engines = modelled_engines(profile, max_batch)
+            started = time.perf_counter()
+            render(settings, str(clip), str(Path(tmp) / "out.mp4"), quiet=True, model=model, engines=engines)
+            wall = time.perf_counter() - started
+            busy = sum(e.busy for e in vars(engines).values() if isinstance(e, ModelledEngine))
+            results.append(Occupancy(profile, name, frames, wall, busy, engines.calls))
+    return results
