@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlrt.frames import Frame
@@ -11,6 +12,11 @@ from vlrt.image import blend
 from vlrt.image.resize import CROP_AND_RESIZE, JUST_RESIZE, RESIZE_AND_FILL, resize_frame
 
 rng = np.random.default_rng(0)
+
+
+def _t(*images):
+    """The blends take uint8 tensors (frames live on the render device)."""
+    return [torch.from_numpy(i) for i in images]
 
 
 def _img(h=17, w=23):
@@ -21,14 +27,14 @@ def _img(h=17, w=23):
 def test_floor_blend_is_pillow_blend_bit_for_bit(t):
     a, b = _img(), _img()
     expected = np.asarray(Image.blend(Image.fromarray(a), Image.fromarray(b), t))
-    assert np.array_equal(blend.blend(a, b, t, blend.FLOOR), expected)
+    assert np.array_equal(blend.blend(*_t(a, b), t, blend.FLOOR).numpy(), expected)
 
 
 def test_round_blend_rounds_instead_of_truncating():
     a = np.full((1, 1, 3), 10, np.uint8)
     b = np.full((1, 1, 3), 13, np.uint8)
-    assert blend.blend(a, b, 0.5, blend.FLOOR)[0, 0, 0] == 11  # 11.5 truncated
-    assert blend.blend(a, b, 0.5, blend.ROUND)[0, 0, 0] == 12  # 11.5 to even
+    assert blend.blend(*_t(a, b), 0.5, blend.FLOOR)[0, 0, 0] == 11  # 11.5 truncated
+    assert blend.blend(*_t(a, b), 0.5, blend.ROUND)[0, 0, 0] == 12  # 11.5 to even
 
 
 def test_mean_floor_is_the_extensions_running_blend_and_round_is_exact():
@@ -36,9 +42,9 @@ def test_mean_floor_is_the_extensions_running_blend_and_round_is_exact():
     acc = Image.fromarray(images[0])
     for k in range(2, 6):
         acc = Image.blend(acc, Image.fromarray(images[k - 1]), 1.0 / k)
-    assert np.array_equal(blend.mean(images, blend.FLOOR), np.asarray(acc))
+    assert np.array_equal(blend.mean(_t(*images), blend.FLOOR).numpy(), np.asarray(acc))
     exact = np.rint(np.mean(np.stack(images).astype(np.float64), axis=0))
-    assert np.abs(blend.mean(images, blend.ROUND).astype(int) - exact).max() <= 1
+    assert np.abs(blend.mean(_t(*images), blend.ROUND).numpy().astype(int) - exact).max() <= 1
 
 
 def test_temporal_simple_matches_the_spec_running_mean_and_keeps_current_on_zero_weights():
@@ -48,12 +54,12 @@ def test_temporal_simple_matches_the_spec_running_mean_and_keeps_current_on_zero
     for w, f in zip(weights, frames):
         total += w
         acc = Image.blend(acc, Image.fromarray(f), w / total)
-    assert np.array_equal(blend.temporal_simple(frames, weights, 1, blend.FLOOR), np.asarray(acc))
+    assert np.array_equal(blend.temporal_simple(_t(*frames), weights, 1, blend.FLOOR).numpy(), np.asarray(acc))
     weighted = sum(w * f.astype(np.float64) for w, f in zip(weights, frames)) / sum(weights)
-    assert np.abs(blend.temporal_simple(frames, weights, 1).astype(int) - np.rint(weighted)).max() <= 1
+    assert np.abs(blend.temporal_simple(_t(*frames), weights, 1).numpy().astype(int) - np.rint(weighted)).max() <= 1
     # The extension returned the oldest frame for all-zero weights; vlrt keeps the current one.
     for rounding in (blend.FLOOR, blend.ROUND):
-        assert np.array_equal(blend.temporal_simple(frames, [0, 0, 0], 1, rounding), frames[1])
+        assert np.array_equal(blend.temporal_simple(_t(*frames), [0, 0, 0], 1, rounding).numpy(), frames[1])
 
 
 def _corner_frame(w=40, h=20, alpha=True):

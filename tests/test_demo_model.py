@@ -29,8 +29,8 @@ def test_demo_vae_reconstructs_its_input_where_a_random_vae_does_not(demo_model)
     picks = [frames[0], frames[17]]  # pictures of the sample clip, which the VAE never trained on
 
     def roundtrip(vae, image):
-        x = image_to_tensor(image).unsqueeze(0)
-        return tensor_to_image(vae.decode(vae.encode(x).latent_dist.mode()).sample[0])
+        x = image_to_tensor(torch.from_numpy(image)).unsqueeze(0)
+        return tensor_to_image(vae.decode(vae.encode(x).latent_dist.mode()).sample[0]).numpy()
 
     trained = [_psnr(roundtrip(demo_model.vae, f), f) for f in picks]
     torch.manual_seed(0)

@@ -175,8 +175,8 @@ def test_whole_picture_and_only_masked_plans():
     mask[10:20, 30:40] = 255
     whole = plan_inpaint(init, mask, InpaintOptions(0, "original", False, 0), 2)
     assert whole.sd_image is init and whole.region is None and whole.latent_mask.shape == (H // 2, W // 2)
-    result = np.full_like(init, 7)
-    pasted = whole.paste_back(result)
+    result = torch.full(init.shape, 7, dtype=torch.uint8)  # SD's result, on the render device
+    pasted = whole.paste_back(result).numpy()
     assert (pasted[mask == 255] == 7).all() and np.array_equal(pasted[mask == 0], init[mask == 0])
 
     only = plan_inpaint(init, mask, InpaintOptions(0, "original", True, 4), 2)
@@ -185,7 +185,7 @@ def test_whole_picture_and_only_masked_plans():
     x0, y0, x1, y1 = only.region
     expected = np.asarray(resize_plane(Image.fromarray(init[y0:y1, x0:x1]), W, H, RESIZE_AND_FILL))
     assert np.array_equal(only.sd_image, expected)  # SD sees the region scaled to the full frame
-    pasted = only.paste_back(result)
+    pasted = only.paste_back(result).numpy()
     assert (pasted[mask == 255] == 7).all() and np.array_equal(pasted[mask == 0], init[mask == 0])
     assert only.latent_mask.mean() > whole.latent_mask.mean()  # the region fills more of SD's frame
 
@@ -216,21 +216,23 @@ def test_prepare_attaches_inverted_masks_and_anchors_first_colours_to_frame_zero
     settings = build_settings(overrides=dict(model="demo", use_mask=True, mask_directory=str(mask_path),
                                              inpainting_mask_invert=True, color_correction="first"))
     with open_source(str(frames)) as source:
-        prepare = Preparer(settings, source.info, W, H)
+        prepare = Preparer(settings, source.info, W, H, torch.device("cpu"))
         prepared = list(prepare.frames(iter(source), first=2))  # as when resuming at frame 2
     assert [f.index for f in prepared] == [2, 3]
+    assert all(isinstance(f.image, torch.Tensor) for f in prepared)  # prepared frames live on the render device
     assert (prepared[0].meta["mask"][:, : W // 2] == 0).all() and (prepared[0].meta["mask"][:, W // 2 :] == 255).all()
     frame0 = read_frames(frames)[0]
     probe = read_frames(frames)[3]
     for f in prepared:
-        assert np.array_equal(f.meta["color_anchor"].match(probe), ColorAnchor(frame0).match(probe))
+        probe_t = torch.from_numpy(probe)
+        assert torch.equal(f.meta["color_anchor"].match(probe_t), ColorAnchor(torch.from_numpy(frame0)).match(probe_t))
 
 
 def test_prompt_files_need_an_image_folder(tmp_path):
     settings = build_settings(overrides=dict(model="demo", read_prompt_from_txt=True, max_frames=2))
     Image.fromarray(sample_frames(1, (W, H))[0]).save(tmp_path / "one.png")
     with open_source(str(tmp_path / "one.png"), max_frames=2) as source, pytest.raises(VlrtError, match="image-folder"):
-        Preparer(settings, source.info, W, H)
+        Preparer(settings, source.info, W, H, torch.device("cpu"))
 
 
 def test_per_frame_prompt_files_set_each_frames_prompt(demo_model, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageChops, ImageFilter
 
 from vlrt.errors import VlrtError
@@ -183,6 +184,11 @@ def test_mask_of_wrong_frame_size_is_a_caller_bug(tmp_path):
 # --- mask operations ---
 
 
+def _t(*images):
+    """Compositing, colour matching and blends take uint8 tensors (frames live on the render device)."""
+    return [torch.from_numpy(i) for i in images]
+
+
 @pytest.mark.parametrize("channels", [3, 0])
 def test_composite_is_pillow_composite_bit_for_bit(channels):
     shape = (31, 45, channels) if channels else (31, 45)
@@ -190,15 +196,15 @@ def test_composite_is_pillow_composite_bit_for_bit(channels):
     mask = rng.integers(0, 256, (31, 45), dtype=np.uint8)
     mask[0, :6] = [0, 255, 1, 254, 127, 128]
     expected = Image.composite(Image.fromarray(inside), Image.fromarray(outside), Image.fromarray(mask))
-    assert np.array_equal(composite(inside, outside, mask), np.asarray(expected))
+    assert np.array_equal(composite(*_t(inside, outside, mask)).numpy(), np.asarray(expected))
 
 
 def test_composite_extremes_and_invert():
     a, b = np.full((2, 2, 3), 200, np.uint8), np.full((2, 2, 3), 10, np.uint8)
     mask = np.array([[0, 255], [255, 0]], np.uint8)
-    out = composite(a, b, mask)
+    out = composite(*_t(a, b, mask)).numpy()
     assert (out[0, 1] == 200).all() and (out[0, 0] == 10).all()
-    assert np.array_equal(composite(a, b, invert_mask(mask)), composite(b, a, mask))
+    assert np.array_equal(composite(*_t(a, b, invert_mask(mask))).numpy(), composite(*_t(b, a, mask)).numpy())
 
 
 @pytest.mark.parametrize("radius", [1, 4, 9])
@@ -248,14 +254,14 @@ def _textured(h=48, w=64) -> np.ndarray:
 
 def test_lab_round_trip_is_exact():
     rgb = rng.integers(0, 256, (100, 100, 3), dtype=np.uint8)
-    assert np.array_equal(lab_to_rgb(rgb_to_lab(rgb)), rgb)
-    assert np.allclose(rgb_to_lab(np.array([255, 255, 255], np.uint8)), [100, 0, 0], atol=1e-6)
+    assert np.array_equal(lab_to_rgb(rgb_to_lab(torch.from_numpy(rgb))).numpy(), rgb)
+    assert np.allclose(rgb_to_lab(torch.tensor([255, 255, 255], dtype=torch.uint8)).numpy(), [100, 0, 0], atol=1e-6)
 
 
 def test_histogram_matching_removes_a_colour_cast():
     reference = _textured()
     cast = np.clip(reference.astype(int) + [30, -12, 20], 0, 255).astype(np.uint8)
-    fixed = match_histograms(cast, reference)
+    fixed = match_histograms(*_t(cast, reference)).numpy()
     before = np.abs(cast.mean(axis=(0, 1)) - reference.mean(axis=(0, 1)))
     after = np.abs(fixed.mean(axis=(0, 1)) - reference.mean(axis=(0, 1)))
     assert (after <= 0.2 * before).all(), (before, after)
@@ -264,10 +270,10 @@ def test_histogram_matching_removes_a_colour_cast():
 
 def test_color_anchor_is_built_once_and_matches_like_match_histograms():
     anchor_picture = np.clip(_textured().astype(int) + [40, 0, 0], 0, 255).astype(np.uint8)
-    anchor = ColorAnchor(anchor_picture)
+    anchor = ColorAnchor(torch.from_numpy(anchor_picture))
     for shift in ([0, 40, 0], [0, 0, -30]):
         output = np.clip(_textured().astype(int) + shift, 0, 255).astype(np.uint8)
-        assert np.array_equal(anchor.match(output), match_histograms(output, anchor_picture))
+        assert np.array_equal(anchor.match(torch.from_numpy(output)).numpy(), match_histograms(*_t(output, anchor_picture)).numpy())
 
 
 # --- prompt files ---
@@ -332,26 +338,26 @@ def test_diff_mask_blend_matches_pillow(weights):
         refs.append(ref)
     current = n // 2
     expected = _pillow_diff_blend(frames, refs, weights, current).astype(int)
-    assert np.abs(diff_mask_blend(frames, [(r,) for r in refs], weights, current, FLOOR).astype(int) - expected).max() <= 2
-    assert np.abs(diff_mask_blend(frames, [(r,) for r in refs], weights, current, ROUND).astype(int) - expected).max() <= 2
+    assert np.abs(diff_mask_blend(_t(*frames), [(r,) for r in refs], weights, current, FLOOR).numpy().astype(int) - expected).max() <= 2
+    assert np.abs(diff_mask_blend(_t(*frames), [(r,) for r in refs], weights, current, ROUND).numpy().astype(int) - expected).max() <= 2
 
 
 def test_diff_mask_static_reference_mixes_neighbours_moving_keeps_current():
     frames = [np.full((4, 6, 3), v, np.uint8) for v in (0, 90, 210)]
     static = [(np.full((4, 6, 3), 50, np.uint8),)] * 3
-    mixed = diff_mask_blend(frames, static, [1.0, 1.0, 1.0], 1, ROUND)
+    mixed = diff_mask_blend(_t(*frames), static, [1.0, 1.0, 1.0], 1, ROUND).numpy()
     assert (mixed == 100).all()  # (0 + 90 + 210) / 3: the neighbours fully used where nothing moved
     moving = [static[0][0].copy(), static[0][0].copy(), static[0][0].copy()]
     moving[0][:, :3] = 200
     moving[2][:, :3] = 0  # the left half moves in the reference
-    out = diff_mask_blend(frames, [(m,) for m in moving], [1.0, 1.0, 1.0], 1, ROUND)
+    out = diff_mask_blend(_t(*frames), [(m,) for m in moving], [1.0, 1.0, 1.0], 1, ROUND).numpy()
     assert (out[:, :3] == 90).all() and (out[:, 3:] == 100).all()
     # Two reference folders: a pixel moving in either one keeps the current frame there.
     other = [static[0][0].copy() for _ in range(3)]
     other[0][:2] = 99  # the top rows of slot 0 move in the second reference only: (90 + 90 + 210) / 3
-    both = diff_mask_blend(frames, [(m, o) for m, o in zip(moving, other)], [1.0, 1.0, 1.0], 1, ROUND)
+    both = diff_mask_blend(_t(*frames), [(m, o) for m, o in zip(moving, other)], [1.0, 1.0, 1.0], 1, ROUND).numpy()
     assert (both[:, :3] == 90).all() and (both[:2, 3:] == 130).all() and (both[2:, 3:] == 100).all()
-    half = diff_mask_blend(frames, static, [0.5, 0.0, 0.5], 1, ROUND)
+    half = diff_mask_blend(_t(*frames), static, [0.5, 0.0, 0.5], 1, ROUND).numpy()
     assert (half == 95).all()  # (45 + 90 + 150) / 3: each weight says how much neighbour to take
 
 

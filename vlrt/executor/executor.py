@@ -1,16 +1,27 @@
-"""Runs the network work of every ready job together.
+"""Runs the network work of every ready job together, on its own thread.
 
-Stages never call an engine. They submit jobs; each `run_once()` moves every pending job one
-phase on, with one batched engine call per phase: the VAE encodes of all new jobs, then one UNet
+Stages never call an engine. They submit jobs; each round moves every pending job one phase on,
+with one batched engine call per phase: the VAE encodes of all new jobs, then one UNet
 evaluation of every job that is denoising (samples of different frames, loop passes, batch items
 and both CFG halves, each at its own timestep), then the VAE decodes of the jobs that finished.
 Engines split the rows into calls of at most their `max_batch`. Since every random draw belongs
 to its job, the batch never changes what a job computes (up to float rounding).
+
+Overlap (why a thread): a round runs on the executor's engine thread, so while the engines work
+the driver's thread does the host's share (decoding, blends of other frames, starting new jobs,
+encoding finished frames). `run_once()` waits for the round in flight, hands its finished jobs to
+the stages (`job.done`), and starts the next round with every job pending at that moment, then
+returns at once. A round's jobs are therefore fixed by what the stages submitted before it
+started, never by how long anything took: the batches, and so the frames, do not depend on timing.
+Engine calls outside jobs (FastDVDNet's blocks, `run`) go through the same thread, after the
+round in flight, so one engine thread owns the device's work.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
 
 import torch
 
@@ -19,61 +30,100 @@ from vlrt.executor.jobs import Img2ImgJob, Phase
 
 
 class Executor:
-    """Owns the engines; advances submitted jobs in batches."""
+    """Owns the engines and the thread that runs them; advances submitted jobs in batched rounds."""
 
     def __init__(self, engines: EngineSet) -> None:
         self.engines = engines
-        self.jobs: list[Img2ImgJob] = []
+        self.jobs: list[Img2ImgJob] = []  # submitted, not in the round in flight
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrt-engines")
+        self._round: Future[list[Img2ImgJob]] | None = None
+        self._in_round = 0
+
+    def __enter__(self) -> Executor:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Let the round in flight end (its errors are not raised again) and stop the engine thread."""
+        self._thread.shutdown(wait=True)
 
     def submit(self, job: Img2ImgJob) -> None:
         if not job.done:
             self.jobs.append(job)
 
     def run(self, component: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One batched call of a network that is not part of an img2img job (FastDVDNet's blocks)."""
-        return self.engines[component](**feed)
+        """One batched call of a network that is not part of an img2img job (FastDVDNet's blocks),
+        on the engine thread after the round in flight."""
+        return self._thread.submit(self.engines[component], **feed).result()
 
     @property
     def pending(self) -> int:
-        return len(self.jobs)
+        return len(self.jobs) + self._in_round
 
     def run_once(self) -> None:
-        """Advance every pending job by one phase (decode, then denoise, then encode)."""
-        by_phase: dict[Phase, list[Img2ImgJob]] = defaultdict(list)
-        for job in self.jobs:
-            by_phase[job.phase].append(job)
-        if by_phase[Phase.DECODE]:
-            self._decode(by_phase[Phase.DECODE])
-        if by_phase[Phase.DENOISE]:
-            self._denoise(by_phase[Phase.DENOISE])
-        if by_phase[Phase.ENCODE]:
-            self._encode(by_phase[Phase.ENCODE])
-        self.jobs = [job for job in self.jobs if not job.done]
+        """Collect the round in flight, then start the next one with every pending job."""
+        self.wait()
+        if self.jobs:
+            batch, self.jobs = self.jobs, []
+            self._in_round = len(batch)
+            self._round = self._thread.submit(_advance, self.engines, batch)
 
-    def _encode(self, jobs: list[Img2ImgJob]) -> None:
-        for group in _by_shape(jobs, lambda j: j.image.shape):
-            moments = self.engines.vae_encoder(image=torch.stack([j.encoder_input() for j in group]))["moments"]
-            for job, m in zip(group, moments):
-                job.take_moments(m)
+    def wait(self) -> None:
+        """Wait for the round in flight; mark its finished jobs done, keep the rest pending (first, in order).
 
-    def _denoise(self, jobs: list[Img2ImgJob]) -> None:
-        for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), tuple(j.cond.shape))):
-            inputs = [j.unet_input() for j in group]
-            pred = self.engines.unet(
-                sample=torch.cat([i[0] for i in inputs]),
-                timestep=torch.cat([i[1] for i in inputs]),
-                encoder_hidden_states=torch.cat([i[2] for i in inputs]),
-            )["noise_pred"]
-            start = 0
-            for job in group:
-                job.take_noise_pred(pred[start : start + job.rows])
-                start += job.rows
+        An engine's error is raised here, on the driver's thread."""
+        if self._round is None:
+            return
+        round_, self._round = self._round, None
+        self._in_round = 0
+        batch = round_.result()
+        for job in batch:
+            job.done = job.phase is Phase.DONE
+        self.jobs = [job for job in batch if not job.done] + self.jobs
 
-    def _decode(self, jobs: list[Img2ImgJob]) -> None:
-        for group in _by_shape(jobs, lambda j: tuple(j.latents.shape)):
-            images = self.engines.vae_decoder(latent=torch.stack([j.decoder_input() for j in group]))["image"]
-            for job, image in zip(group, images):
-                job.take_image(image)
+
+def _advance(engines: EngineSet, jobs: list[Img2ImgJob]) -> list[Img2ImgJob]:
+    """One round, on the engine thread: every job one phase on (decode, then denoise, then encode)."""
+    by_phase: dict[Phase, list[Img2ImgJob]] = defaultdict(list)
+    for job in jobs:
+        by_phase[job.phase].append(job)
+    if by_phase[Phase.DECODE]:
+        _decode(engines, by_phase[Phase.DECODE])
+    if by_phase[Phase.DENOISE]:
+        _denoise(engines, by_phase[Phase.DENOISE])
+    if by_phase[Phase.ENCODE]:
+        _encode(engines, by_phase[Phase.ENCODE])
+    return jobs
+
+
+def _encode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
+    for group in _by_shape(jobs, lambda j: tuple(j.image.shape)):
+        moments = engines.vae_encoder(image=torch.stack([j.encoder_input() for j in group]))["moments"]
+        for job, m in zip(group, moments):
+            job.take_moments(m)
+
+
+def _denoise(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
+    for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), tuple(j.cond.shape))):
+        inputs = [j.unet_input() for j in group]
+        pred = engines.unet(
+            sample=torch.cat([i[0] for i in inputs]),
+            timestep=torch.cat([i[1] for i in inputs]),
+            encoder_hidden_states=torch.cat([i[2] for i in inputs]),
+        )["noise_pred"]
+        start = 0
+        for job in group:
+            job.take_noise_pred(pred[start : start + job.rows])
+            start += job.rows
+
+
+def _decode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
+    for group in _by_shape(jobs, lambda j: tuple(j.latents.shape)):
+        images = engines.vae_decoder(latent=torch.stack([j.decoder_input() for j in group]))["image"]
+        for job, image in zip(group, images):
+            job.take_image(image)
 
 
 def _by_shape(jobs: list[Img2ImgJob], key) -> list[list[Img2ImgJob]]:

@@ -5,6 +5,15 @@ sample and the initial noise come from the sample's own generator (in that order
 scheduler starts at `int(steps * strength)` steps from the end, CFG mixes the unconditional and
 conditional predictions, and the decoded image is rounded to 8 bits the same way. What differs is
 only who runs the networks: the executor batches the rows of many jobs into one engine call.
+
+Everything a job holds lives on the render device: the init image (a uint8 tensor), latents,
+the scheduler's tensors and the decoded result (uint8 again, converted there). Only the random
+draws are made on the CPU, from the job's own generator, and moved to the device, so they are
+the same on every backend.
+
+Threads: the executor advances jobs on its engine thread (`phase`, `latents`, `result`); the
+stages read only `done`, which the executor sets on their thread when it collects a finished
+round, so what a stage sees never depends on timing.
 """
 
 from __future__ import annotations
@@ -28,15 +37,15 @@ class Phase(Enum):
     DONE = "done"
 
 
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W, 3) to float32 (3, H, W) in [-1, 1], as diffusers' image processor does."""
-    return torch.tensor(image).permute(2, 0, 1).float().div(255.0).mul(2.0).sub(1.0)
+def image_to_tensor(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (H, W, 3) to float32 (3, H, W) in [-1, 1], as diffusers' image processor does, on the image's device."""
+    return image.permute(2, 0, 1).float().div(255.0).mul(2.0).sub(1.0)
 
 
-def tensor_to_image(image: torch.Tensor) -> np.ndarray:
-    """float (3, H, W) in [-1, 1] to uint8 (H, W, 3), rounded as diffusers' image processor does."""
-    x = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
-    return (x * 255).round().astype(np.uint8)
+def tensor_to_image(image: torch.Tensor) -> torch.Tensor:
+    """float (3, H, W) in [-1, 1] to uint8 (H, W, 3), rounded as diffusers' image processor does, on its device."""
+    x = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0)
+    return (x * 255).round().to(torch.uint8)
 
 
 class Img2ImgJob:
@@ -44,7 +53,7 @@ class Img2ImgJob:
 
     def __init__(
         self,
-        image: np.ndarray,
+        image: torch.Tensor,
         cond: torch.Tensor,
         uncond: torch.Tensor,
         guidance: float,
@@ -55,7 +64,7 @@ class Img2ImgJob:
         subseed_strength: float,
         scaling_factor: float,
         shift_factor: float = 0.0,
-        latent_mask: np.ndarray | None = None,
+        latent_mask: np.ndarray | torch.Tensor | None = None,
         fill: str = ORIGINAL,
     ) -> None:
         """`latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
@@ -77,21 +86,19 @@ class Img2ImgJob:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
         self.step_kwargs = {"generator": self.generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        self.edit = None if latent_mask is None else torch.from_numpy(latent_mask)[None, None]
+        self.device = image.device
+        self.edit = None if latent_mask is None else torch.as_tensor(latent_mask).to(self.device)[None, None]
         self.fill = fill
         self.init_latents: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
         self.index = 0
         self.latents: torch.Tensor | None = None
-        self.result: np.ndarray | None = None
+        self.result: torch.Tensor | None = None
         # With no sampling step left (strength too low for the step count) the init image is the result.
         self.phase = Phase.ENCODE if len(self.timesteps) else Phase.DONE
-        if self.phase is Phase.DONE:
+        self.done = self.phase is Phase.DONE
+        if self.done:
             self.result = image
-
-    @property
-    def done(self) -> bool:
-        return self.phase is Phase.DONE
 
     # --- ENCODE ---
     def encoder_input(self) -> torch.Tensor:
@@ -99,9 +106,9 @@ class Img2ImgJob:
 
     def take_moments(self, moments: torch.Tensor) -> None:
         """Sample the posterior, then noise it to the first timestep (same generator order as diffusers)."""
-        posterior = DiagonalGaussianDistribution(moments.unsqueeze(0).float().cpu())
+        posterior = DiagonalGaussianDistribution(moments.unsqueeze(0).float())
         init = (posterior.sample(self.generator) - self.shift_factor) * self.scaling_factor
-        noise = variation_noise(tuple(init.shape), self.generator, self.subseed, self.subseed_strength)
+        noise = variation_noise(tuple(init.shape), self.generator, self.subseed, self.subseed_strength).to(self.device)
         if self.edit is not None:
             self.init_latents, self.noise = init, noise
             if self.fill == LATENT_NOISE:
@@ -121,13 +128,13 @@ class Img2ImgJob:
         t = self.timesteps[self.index]
         latents = torch.cat([self.latents] * self.rows)
         sample = self.scheduler.scale_model_input(latents, t)
-        timestep = torch.full((self.rows,), float(t), dtype=torch.float32)
+        timestep = torch.full((self.rows,), float(t), dtype=torch.float32, device=self.device)
         embeds = torch.cat([self.uncond, self.cond]) if self.cfg else self.cond
         return sample, timestep, embeds
 
     def take_noise_pred(self, noise_pred: torch.Tensor) -> None:
         """Advance the scheduler one step with this job's rows of the UNet output."""
-        noise_pred = noise_pred.float().cpu()
+        noise_pred = noise_pred.float()
         if self.cfg:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + self.guidance * (cond - uncond)

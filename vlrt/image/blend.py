@@ -4,42 +4,45 @@ Two rounding policies. `floor` reproduces the extension bit for bit: Pillow's `I
 computes `a + t·(b − a)` in single precision and truncates, and the extension chains such blends
 (running means), which darkens slightly with every step. `round` (vlrt's default) computes each
 mean exactly in float and rounds once, so there is no drift.
+
+Frames are torch uint8 tensors (H, W, 3) on the render device: between loop passes they never
+leave it (DESIGN.md §2), and on the CPU this is the same code on CPU tensors.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
+import torch
 
 FLOOR = "floor"
 ROUND = "round"
 
 
-def quantise(x: np.ndarray, rounding: str) -> np.ndarray:
-    """Float 0–255 values to uint8 under a rounding policy."""
+def quantise(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Float 0–255 values to uint8 under a rounding policy (round: half to even, as numpy's `rint`)."""
     if rounding == FLOOR:
-        return np.clip(x, 0, 255).astype(np.uint8)  # truncation toward zero of non-negatives is floor
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return x.clamp(0, 255).to(torch.uint8)  # truncation toward zero of non-negatives is floor
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def blend(a: np.ndarray, b: np.ndarray, t: float, rounding: str = ROUND) -> np.ndarray:
+def blend(a: torch.Tensor, b: torch.Tensor, t: float, rounding: str = ROUND) -> torch.Tensor:
     """`a·(1−t) + b·t` per 8-bit channel (t=0 gives a, t=1 gives b); outside [0, 1] it extrapolates and clips."""
-    a32 = a.astype(np.float32)
-    return quantise(a32 + np.float32(t) * (b.astype(np.float32) - a32), rounding)
+    a32 = a.float()
+    return quantise(a32 + float(t) * (b.float() - a32), rounding)
 
 
-def mean(images: Sequence[np.ndarray], rounding: str = ROUND) -> np.ndarray:
+def mean(images: Sequence[torch.Tensor], rounding: str = ROUND) -> torch.Tensor:
     """Equal-weight mean of a batch (the extension's "batch blend": a running mean in floor mode)."""
     if rounding == FLOOR:
         acc = images[0]
         for k, image in enumerate(images[1:], start=2):
             acc = blend(acc, image, 1.0 / k, FLOOR)
         return acc
-    return quantise(np.mean(np.stack([i.astype(np.float32) for i in images]), axis=0), rounding)
+    return quantise(torch.stack([i.float() for i in images]).mean(dim=0), rounding)
 
 
-def temporal_simple(frames: Sequence[np.ndarray], weights: Sequence[float], current: int, rounding: str = ROUND) -> np.ndarray:
+def temporal_simple(frames: Sequence[torch.Tensor], weights: Sequence[float], current: int, rounding: str = ROUND) -> torch.Tensor:
     """The "simple" temporal blend: frames weighted and renormalised, `frames[current]` being the centre.
 
     In floor mode this is the extension's running normalised mean (a neighbour whose running
@@ -57,5 +60,5 @@ def temporal_simple(frames: Sequence[np.ndarray], weights: Sequence[float], curr
                 continue
             acc = blend(acc, image, w / running, FLOOR)
         return acc
-    acc32 = sum(np.float32(w) * f.astype(np.float32) for w, f in zip(weights, frames))
-    return quantise(acc32 / np.float32(total), rounding)
+    acc32 = sum(float(w) * f.float() for w, f in zip(weights, frames))
+    return quantise(acc32 / total, rounding)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 from vlrt.image.masks import blur_mask, composite, crop_region
@@ -53,19 +54,23 @@ class InpaintPlan:
     overlay: np.ndarray  # (H, W) uint8: how much of SD's result each pixel takes when pasted back
     region: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) of "only masked", else None
 
-    def paste_back(self, result: np.ndarray) -> np.ndarray:
-        """SD's (H, W, 3) result put back over the init image through the blurred mask."""
+    def paste_back(self, result: torch.Tensor) -> torch.Tensor:
+        """SD's (H, W, 3) result (a tensor on the render device) put back over the init image through
+        the blurred mask; "only masked" scales the result back with Pillow, a round trip to the host."""
+        device = result.device
         if self.region is not None:
             x0, y0, x1, y1 = self.region
-            patch = resize_plane(Image.fromarray(result), x1 - x0, y1 - y0, CROP_AND_RESIZE)
+            patch = resize_plane(Image.fromarray(result.cpu().numpy()), x1 - x0, y1 - y0, CROP_AND_RESIZE)
             placed = self.init.copy()
             placed[y0:y1, x0:x1] = np.asarray(patch)
-            result = placed
-        return composite(result, self.init, self.overlay)
+            result = torch.from_numpy(placed).to(device)
+        return composite(result, torch.from_numpy(self.init).to(device), torch.from_numpy(self.overlay).to(device))
 
 
 def plan_inpaint(init: np.ndarray, edit_mask: np.ndarray, options: InpaintOptions, latent_scale: int) -> InpaintPlan:
-    """The SD input and paste-back for `init` (H, W, 3) and its binary `edit_mask` (H, W)."""
+    """The SD input and paste-back for `init` (H, W, 3) and its binary `edit_mask` (H, W).
+
+    Host arrays: the blur, crop and fill are Pillow's, so a masked frame's plan is made on the host."""
     height, width = edit_mask.shape
     blurred = blur_mask(edit_mask, options.mask_blur)
     region = None

@@ -15,6 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageFilter
 
 from vlrt.errors import VlrtError
@@ -210,17 +211,18 @@ def invert_mask(mask: np.ndarray) -> np.ndarray:
     return 255 - mask
 
 
-def composite(inside: np.ndarray, outside: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def composite(inside: torch.Tensor, outside: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """`inside` where mask is 255, `outside` where 0, proportional in between: Pillow `Image.composite`, exact.
 
     Pillow mixes each 8-bit channel as `(outside·(255−m) + inside·m) / 255` rounded to nearest;
     the integer form below is its exact division by 255. `mask` is (H, W), applied to every channel.
+    Torch uint8 tensors on the render device (int32 arithmetic: the largest sum is 255·255 + 128).
     """
-    m = mask.astype(np.uint32)
+    m = mask.to(torch.int32)
     if inside.ndim == 3:
         m = m[..., None]
-    mixed = outside.astype(np.uint32) * (255 - m) + inside.astype(np.uint32) * m + 128
-    return ((mixed + (mixed >> 8)) >> 8).astype(np.uint8)
+    mixed = outside.to(torch.int32) * (255 - m) + inside.to(torch.int32) * m + 128
+    return ((mixed + (mixed >> 8)) >> 8).to(torch.uint8)
 
 
 def crop_region(mask: np.ndarray, padding: int, width: int, height: int) -> tuple[int, int, int, int]:

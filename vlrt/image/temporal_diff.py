@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageChops
 
 from vlrt.errors import VlrtError
@@ -40,18 +41,20 @@ def difference_mask(ref_current: np.ndarray, ref_other: np.ndarray, weight: floa
 
 
 def diff_mask_blend(
-    frames: Sequence[np.ndarray],
+    frames: Sequence[torch.Tensor],
     refs: Sequence[Sequence[np.ndarray]],
     weights: Sequence[float],
     current: int,
     rounding: str,
-) -> np.ndarray:
+) -> torch.Tensor:
     """The init image: the mean over window slots j of `composite(current frame, frames[j], mask_j)`.
 
-    `frames`, `refs` and `weights` are the window's slots in temporal order (neighbours past the
-    video's ends already dropped), all at render size; `refs[j]` holds slot j's frame of every
-    reference folder, and a pixel counts as moving when any reference changed there (with one
-    folder, the extension's rule). `current` is the current frame's slot.
+    `frames` (uint8 tensors on the render device), `refs` and `weights` are the window's slots in
+    temporal order (neighbours past the video's ends already dropped), all at render size;
+    `refs[j]` holds slot j's frame of every reference folder (host arrays: they come from files),
+    and a pixel counts as moving when any reference changed there (with one folder, the
+    extension's rule). `current` is the current frame's slot. The masks are made on the host
+    (Pillow's grey conversion), the blend on the frames' device.
     Weights are not normalised: each is "how much of that neighbour to use where the reference is
     static", and the current slot always gives the current frame. In floor mode the composites are
     Pillow's (rounded) and averaged with the extension's running Pillow blend; in round mode each
@@ -61,16 +64,18 @@ def diff_mask_blend(
         raise ValueError(f"{len(frames)} frames, {len(refs)} references and {len(weights)} weights")
     now = frames[current]
     masks = [
-        np.maximum.reduce([difference_mask(cur, other, w) for cur, other in zip(refs[current], slot, strict=True)])
+        torch.from_numpy(
+            np.maximum.reduce([difference_mask(cur, other, w) for cur, other in zip(refs[current], slot, strict=True)])
+        ).to(now.device)
         for slot, w in zip(refs, weights)
     ]
     if rounding == FLOOR:
         return mean([composite(now, img, m) for img, m in zip(frames, masks)], FLOOR)
-    now32 = now.astype(np.float32)
-    total = np.zeros(now.shape, np.float32)
+    now32 = now.float()
+    total = torch.zeros(now.shape, dtype=torch.float32, device=now.device)
     for img, m in zip(frames, masks):
-        t = (m.astype(np.float32) / 255.0)[..., None]
-        total += img.astype(np.float32) + t * (now32 - img.astype(np.float32))
+        t = (m.float() / 255.0)[..., None]
+        total += img.float() + t * (now32 - img.float())
     return quantise(total / len(frames), rounding)
 
 

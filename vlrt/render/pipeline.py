@@ -166,6 +166,7 @@ class Pipeline:
         if not stages:
             for frame in frames:
                 if wanted(frame):
+                    frame = frame.on_host()
                     on_output(frame)
                     sink.write(frame)
                     written += 1
@@ -184,10 +185,11 @@ class Pipeline:
                 for frame in stage.pop():
                     moved = True
                     if i in self.taps and wanted(frame):
-                        self.taps[i].write(frame)
+                        self.taps[i].write(frame.on_host())
                     if i + 1 < len(stages):
                         stages[i + 1].push(frame)
                     elif wanted(frame):
+                        frame = frame.on_host()
                         on_output(frame)
                         sink.write(frame)
                         written += 1
@@ -255,7 +257,8 @@ def render(
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
         write_settings(settings, input_spec, output_spec, None, model.loras)
-        written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
+        with executor:
+            written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
     write_settings(settings, input_spec, output_spec, written, model.loras)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
@@ -284,7 +287,8 @@ def denoise(
             rounding=settings.blend_rounding,
             max_batch=settings.max_batch,
         )
-        written = _stream(source, settings, [stage], executor, output_spec, {}, progress, stdout, None, None)
+        with executor:
+            written = _stream(source, settings, [stage], executor, output_spec, {}, progress, stdout, None, None)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -319,7 +323,11 @@ def _stream(
         pipeline = Pipeline(stages, executor, capacity, tap_sinks)
         collector = PreviewCollector(source.info.frame_count)
         first = stages[0].first if stages else start
-        frames = (f for f in source if f.index >= first) if prepare is None else prepare.frames(iter(source), first)
+        if prepare is None:
+            device = pick_device(settings.device)
+            frames = (f.on_device(device) for f in source if f.index >= first)
+        else:
+            frames = prepare.frames(iter(source), first)
         written = pipeline.run(collector.watch_inputs(frames), sink, progress, collector.see_output, start)
         if written == 0 and start == 0:
             raise VlrtError("the input produced no frames: check it is a video or an image folder with frames")
@@ -432,9 +440,10 @@ def render_span(
         if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need frame 0
             frames = chain([_first_frame(settings, input_spec)], frames)
         frames = prepare.frames(frames, first)
-        Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
-            frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
-        )
+        with executor:
+            Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
+                frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
+            )
     return executor.engines.calls
 
 
@@ -468,7 +477,7 @@ def _settle(settings: Settings, info: SourceInfo, model: Model, resolver: ParamR
     width, height = frame_size(settings, info.width, info.height, model.vae_scale_factor)
     settings = replace(settings, width=width, height=height)
     resolver.check_all_first()
-    return settings, Preparer(settings, info, width, height)
+    return settings, Preparer(settings, info, width, height, model.device)
 
 
 def _first_frame(settings: Settings, input_spec: str) -> Frame:

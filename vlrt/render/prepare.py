@@ -10,6 +10,9 @@ input frame, and travels with it in `Frame.meta` (`Frame.with_image` keeps meta)
   difference-mask temporal method (the original frame itself when no folder is given);
 - "prompts": the (prompt, negative prompt) of `<frame>.txt`, with `read_prompt_from_txt`;
 - "color_anchor": the colour distribution the SD results are matched to (`color_correction`).
+
+Prepared frames leave as tensors on the render device (picture and mask): from here to the sink
+they stay there. The references stay on the host, where the difference masks are made.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from vlrt.errors import VlrtError
@@ -36,8 +40,8 @@ from vlrt.settings.prompt_files import read_prompt_file
 class Preparer:
     """Prepares the frames of one input for one render at width×height."""
 
-    def __init__(self, settings: Settings, info: SourceInfo, width: int, height: int) -> None:
-        self.settings, self.width, self.height = settings, width, height
+    def __init__(self, settings: Settings, info: SourceInfo, width: int, height: int, device: torch.device) -> None:
+        self.settings, self.width, self.height, self.device = settings, width, height, device
         self.masks = None
         if settings.use_mask:
             step = 1 if settings.is_continue else settings.extract_nth_frame
@@ -61,7 +65,7 @@ class Preparer:
         """The prepared frames from index `first` on (frame 0 is still seen: it anchors `first` colours)."""
         for frame in frames:
             if frame.index == 0 and self.settings.color_correction == FIRST:
-                self.first_anchor = ColorAnchor(self._resized(frame).image)
+                self.first_anchor = ColorAnchor(torch.from_numpy(self._resized(frame).image).to(self.device))
             if frame.index >= first:
                 yield self(frame)
 
@@ -75,11 +79,12 @@ class Preparer:
             meta["reference"] = self._references(frame)
         if self.settings.read_prompt_from_txt:
             meta["prompts"] = read_prompt_file(meta["path"])
+        frame = replace(frame, meta=meta).on_device(self.device)
         if self.settings.color_correction == ORIGINAL:
-            meta["color_anchor"] = ColorAnchor(frame.image)
+            frame.meta["color_anchor"] = ColorAnchor(frame.image)
         elif self.settings.color_correction == FIRST:
-            meta["color_anchor"] = self.first_anchor
-        return replace(frame, meta=meta)
+            frame.meta["color_anchor"] = self.first_anchor
+        return frame
 
     def _resized(self, frame: Frame) -> Frame:
         return resize_frame(frame, self.width, self.height, self.settings.resize_mode)

@@ -29,7 +29,7 @@ class PreviewCollector:
     def watch_inputs(self, frames: Iterator[Frame]) -> Iterator[Frame]:
         for frame in frames:
             if frame.index in self.indices:
-                self.inputs[frame.index] = frame.image
+                self.inputs[frame.index] = frame.on_host().image
             yield frame
 
     def see_output(self, frame: Frame) -> None:

@@ -72,11 +72,11 @@ class Denoise(Stage):
         return 2 * self.max_batch + 6
 
     def _accept(self, frame: Frame) -> None:
-        x = torch.tensor(frame.image).permute(2, 0, 1).float() / 255.0
+        x = frame.image.permute(2, 0, 1).float() / 255.0
         if self.noise_seed_of is not None:
             seed, loop_index = self.noise_seed_of
             gen = generator(noise_seed(seed, loop_index, frame.index))
-            x = x + self.sigma * torch.randn(x.shape, generator=gen)
+            x = x + self.sigma * torch.randn(x.shape, generator=gen).to(x.device)
         self.originals.append(frame)
         self.ready.extend(self.denoiser.push(x))
 
@@ -87,7 +87,7 @@ class Denoise(Stage):
     def _advance(self) -> list[Frame]:
         out = []
         while self.ready:
-            denoised = self.ready.popleft().permute(1, 2, 0).numpy() * 255.0
+            denoised = self.ready.popleft().permute(1, 2, 0) * 255.0
             original = self.originals.popleft()
             den8 = blend.quantise(denoised, self.rounding)
             mixed = blend.blend(original.image, den8, self.alpha, self.rounding)

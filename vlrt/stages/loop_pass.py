@@ -13,6 +13,10 @@ and the post-processing filter act inside the mask only (the filter on the whole
 
 The pass starts frame f as soon as its input f+h has arrived (or the stream has ended), so the
 next pass can start while this one is still running.
+
+Frames arrive and leave as uint8 tensors on the render device; every blend, the colour match and
+the mask compositing run there. Two steps go to the host and back, for Pillow: a masked frame's
+inpainting plan (blur, crop, fill) and the post-processing filter.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 from PIL import Image
 
 from vlrt.errors import VlrtError
@@ -112,17 +117,18 @@ class LoopPass(Stage):
             params = replace(params, prompt=prompt, negative_prompt=negative)
         mask = frame.meta.get("mask")
         jobs, plan = [], None
-        if mask is None or mask.any():
+        if mask is None or bool(mask.any()):
             init = self._init_image(f, params.temporal_weights)
             if mask is not None:
                 init = composite(init, frame.image, mask)  # the temporal blend acts inside the mask only
-                plan = plan_inpaint(init, mask, self.inpaint, self.model.vae_scale_factor)
-            jobs = self._jobs(init if plan is None else plan.sd_image, params, plan)
+                plan = plan_inpaint(init.cpu().numpy(), mask.cpu().numpy(), self.inpaint, self.model.vae_scale_factor)
+                init = torch.from_numpy(plan.sd_image).to(frame.image.device)
+            jobs = self._jobs(init, params, plan)
         for job in jobs:
             self.executor.submit(job)
         self.requests[f] = _Request(params, jobs, plan)
 
-    def _init_image(self, f: int, weights: tuple[float, ...]) -> np.ndarray:
+    def _init_image(self, f: int, weights: tuple[float, ...]) -> torch.Tensor:
         """The temporal blend of this pass's inputs around f, neighbours past either end dropped."""
         h = self.radius
         if h == 0:
@@ -136,7 +142,7 @@ class LoopPass(Stage):
             return diff_mask_blend(frames, refs, slot_weights, offsets.index(0), self.rounding)
         return blend.temporal_simple(frames, slot_weights, offsets.index(0), self.rounding)
 
-    def _jobs(self, init: np.ndarray, params: FrameParams, plan: InpaintPlan | None) -> list[Img2ImgJob]:
+    def _jobs(self, init: torch.Tensor, params: FrameParams, plan: InpaintPlan | None) -> list[Img2ImgJob]:
         cond, uncond = self.model.encode_pair(params.prompt, params.negative_prompt)
         return [
             Img2ImgJob(
@@ -181,11 +187,12 @@ class LoopPass(Stage):
         return base.with_image(out)
 
 
-def _post_process(image: np.ndarray, params: FrameParams, f: int, loop_index: int) -> np.ndarray:
-    processed = params.post_process(Image.fromarray(image))
+def _post_process(image: torch.Tensor, params: FrameParams, f: int, loop_index: int) -> torch.Tensor:
+    """The Pillow filter of `image_post_processing_schedule`: a round trip to the host and back."""
+    processed = params.post_process(Image.fromarray(image.cpu().numpy()))
     if processed.size != (image.shape[1], image.shape[0]):
         raise VlrtError(
             f"image_post_processing_schedule changed the frame size at image_i={f + 1}, loop_i={loop_index + 1}: "
             "filters must keep the size"
         )
-    return np.asarray(processed.convert("RGB"))
+    return torch.from_numpy(np.array(processed.convert("RGB"))).to(image.device)
