@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
-from vlrt.io.encoding import file_muxer, pipe_muxer
+from vlrt.io.encoding import choose_encoding, file_muxer, pipe_muxer
 from vlrt.io.images import write_png
 from vlrt.io.join import join_parts
 from vlrt.io.parts import Part, PartWriter, commit, part_encoders, parts_folder, tidy_parts
@@ -300,6 +300,18 @@ def open_sink(
     if segment is not None:
         return SegmentSink(Path(spec), *segment, encoder_args)
     return VideoFileSink(Path(spec), encoder_args, audio_from, resume_at)
+
+
+def check_output_spec(
+    spec: str, *, codec: str | None = None, crf: float = 17, lossless: bool = False, output_format: str | None = None
+) -> None:
+    """Fail on an output `open_sink` could not write (unknown extension or pipe format, a missing or
+    non-lossless encoder) before anything is loaded or written."""
+    if spec == "-":
+        if output_format != "rawvideo":
+            choose_encoding(pipe_muxer(output_format), pipe=True, codec=codec, lossless=lossless, crf=crf, alpha=False)
+    elif not _is_folder_spec(spec):
+        choose_encoding(file_muxer(Path(spec)), pipe=False, codec=codec, lossless=lossless, crf=crf, alpha=False)
 
 
 def finished_frames(path: Path) -> int:

@@ -42,6 +42,7 @@ from vlrt.render.run_state import (
     finished_folder_frames,
     finished_video_frames,
     is_folder_output,
+    loop_output,
     resume_settings,
     write_settings,
 )
@@ -129,14 +130,6 @@ def concrete_seeds(settings: Settings) -> Settings:
     seed = settings.seed if settings.seed != -1 else secrets.randbelow(2**32)
     subseed = settings.subseed if settings.subseed != -1 else secrets.randbelow(2**32)
     return replace(settings, seed=seed, subseed=subseed)
-
-
-def loop_output(output: str, loop_number: int) -> str:
-    """The per-pass output beside the main one: out.mp4 → out-loop_1.mp4, out/ → out-loop_1/."""
-    path = Path(output)
-    if is_folder_output(output):
-        return str(path.with_name(f"{path.name}-loop_{loop_number}")) + "/"
-    return str(path.with_name(f"{path.stem}-loop_{loop_number}{path.suffix}"))
 
 
 class Pipeline:

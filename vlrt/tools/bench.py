@@ -125,7 +125,8 @@ def bench_color_drift(modes: tuple[str, ...] = ("none", "original", "first"), lo
     from vlrt.demo.clip import sample_frames
     from vlrt.io.sources import open_source
     from vlrt.model.loading import load_model
-    from vlrt.render.pipeline import loop_output, render
+    from vlrt.render.pipeline import render
+    from vlrt.render.run_state import loop_output
 
     model = load_model("demo", torch.device("cpu"))
     inputs = sample_frames(frames, size)
