@@ -202,7 +202,7 @@ def _video_source(
         container.close()  # a file seeks, in containers of its own
         decoded = frames_from(str(path), label, start * nth, input_format)
     else:
-        decoded = _skipped(decoded_frames(container, label), start * nth)
+        decoded = _skipped(decoded_frames(container, label, streaming), start * nth)
 
     def info(first: Frame) -> SourceInfo:
         return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind)

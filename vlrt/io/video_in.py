@@ -83,10 +83,13 @@ def to_arrays(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha)
 
 
-def decoded_frames(container: av.container.InputContainer, label: str) -> Iterator[av.VideoFrame]:
+def decoded_frames(container: av.container.InputContainer, label: str, streaming: bool = False) -> Iterator[av.VideoFrame]:
     """Every frame of the first video stream in order; the container is closed at the end.
 
-    A decoding error becomes a one-line `VlrtError` saying how far decoding got.
+    A decoding error becomes a one-line `VlrtError` saying how far decoding got. A plain mp4/mov
+    on a pipe (`streaming`) fails at its first frame: its index (moov) follows the pictures, so
+    FFmpeg reads past them to find it and cannot go back; that is no corruption, and the message
+    says how to feed such a file.
     """
     decoded = 0
     try:
@@ -94,6 +97,12 @@ def decoded_frames(container: av.container.InputContainer, label: str) -> Iterat
             yield frame
             decoded += 1
     except av.error.FFmpegError as exc:
+        if streaming and not decoded and container.format.name.startswith("mov"):
+            raise VlrtError(
+                f"{label} is a plain mp4/mov, whose index comes after the pictures, so it cannot stream: give "
+                "its path as INPUT or redirect it with '< file.mp4' (both can seek), or make it with "
+                "'-movflags +faststart', or pipe it as '-f nut'"
+            ) from exc
         where = f"after frame {decoded}" if decoded else "at its first frame"
         raise VlrtError(f"{label} is corrupt {where} ({reason(exc)}): re-encode or repair the video") from exc
     finally:
