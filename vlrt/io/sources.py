@@ -192,17 +192,18 @@ def _video_source(
     stream = container.streams.video[0]
     has_audio = bool(container.streams.audio)
     rate = fps or video_fps(stream)
+    announced = estimate_frame_count(container, stream)
     if streaming:
         total = None
     elif exact_count and path is not None:
         total = _count(count_video_frames(str(path), label, input_format), nth, limit)
     else:
-        total = _count(estimate_frame_count(container, stream), nth, limit)
+        total = _count(announced, nth, limit)
     if start and path is not None:
         container.close()  # a file seeks, in containers of its own
         decoded = frames_from(str(path), label, start * nth, input_format)
     else:
-        decoded = _skipped(decoded_frames(container, label, streaming), start * nth)
+        decoded = _skipped(decoded_frames(container, label, streaming, announced), start * nth)
 
     def info(first: Frame) -> SourceInfo:
         return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from fractions import Fraction
 from typing import Any
@@ -15,6 +16,7 @@ from vlrt.io.av_errors import reason
 # Probe only what the stream headers say, so a live producer is not waited on; the first
 # decoded frame gives the size anyway. (analyzeduration 0 would mean "the default".)
 STREAM_PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "1", "fpsprobesize": "0"}
+log = logging.getLogger(__name__)
 # Short names users type, mapped to FFmpeg's demuxer names.
 FORMAT_ALIASES = {"y4m": "yuv4mpegpipe", "mkv": "matroska", "ts": "mpegts"}
 
@@ -65,6 +67,20 @@ def estimate_frame_count(
     return None
 
 
+def warn_if_truncated(label: str, announced: int | None, decoded: int, fps: Fraction | None) -> None:
+    """Warn when a container's header announced more frames than the stream held (a file cut short
+    by an interrupted download or recording). Half a second of slack (at least 3 frames) absorbs a
+    sound track that outlasts the pictures. MPEG-TS announces no length, so a cut one looks complete."""
+    if not announced or not fps:
+        return
+    missing = announced - decoded
+    if missing >= max(3, round(fps / 2)):
+        log.warning(
+            f"warning: {label} announced {announced} frames ({float(announced / fps):.2f} s) but only {decoded} could be "
+            f"decoded ({float(decoded / fps):.2f} s): it looks truncated; the {decoded} frames are rendered"
+        )
+
+
 def _has_alpha(frame: av.VideoFrame) -> bool:
     return any(component.is_alpha for component in frame.format.components)
 
@@ -83,9 +99,13 @@ def to_arrays(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha)
 
 
-def decoded_frames(container: av.container.InputContainer, label: str, streaming: bool = False) -> Iterator[av.VideoFrame]:
+def decoded_frames(
+    container: av.container.InputContainer, label: str, streaming: bool = False, announced: int | None = None
+) -> Iterator[av.VideoFrame]:
     """Every frame of the first video stream in order; the container is closed at the end.
 
+    When decoding reaches the end well short of the `announced` frame count (see
+    `warn_if_truncated`), a warning says so with the numbers; the frames decoded are kept.
     A decoding error becomes a one-line `VlrtError` saying how far decoding got. A plain mp4/mov
     on a pipe (`streaming`) fails at its first frame: its index (moov) follows the pictures, so
     FFmpeg reads past them to find it and cannot go back; that is no corruption, and the message
@@ -96,6 +116,7 @@ def decoded_frames(container: av.container.InputContainer, label: str, streaming
         for frame in container.decode(container.streams.video[0]):
             yield frame
             decoded += 1
+        warn_if_truncated(label, announced, decoded, video_fps(container.streams.video[0]))
     except av.error.FFmpegError as exc:
         if streaming and not decoded and container.format.name.startswith("mov"):
             raise VlrtError(

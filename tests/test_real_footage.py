@@ -1,0 +1,104 @@
+"""The input files people have (issue 20, part 2): each made in the test with PyAV, rendered or read
+as a user would, and checked for what the user expects."""
+
+from __future__ import annotations
+
+import logging
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from vlrt.cli import main
+from vlrt.io.sources import open_source
+
+
+def moving_frames(count: int, size: tuple[int, int] = (64, 48)) -> list[np.ndarray]:
+    """A bright bar sliding over a gradient: every frame differs."""
+    w, h = size
+    frames = []
+    for i in range(count):
+        picture = np.zeros((h, w, 3), np.uint8)
+        picture[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None, :]
+        picture[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+        x = (i * 3) % (w - 8)
+        picture[:, x : x + 8] = 255
+        frames.append(picture)
+    return frames
+
+
+def write_video(path: Path, frames: list[np.ndarray], fps: int = 24, *, codec: str = "libx264",
+                audio_seconds: float | None = None, audio_codec: str = "aac", audio_format: str = "fltp") -> Path:
+    """A video (and a 440 Hz tone of `audio_seconds`) written with PyAV directly, interleaved by time."""
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as out:
+        video = out.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = w, h, "yuv420p"
+        audio = None
+        if audio_seconds is not None:
+            audio = out.add_stream(audio_codec, rate=48000)
+            audio.layout, audio.format = "mono", audio_format
+        tone = None if audio is None else np.sin(2 * np.pi * 440 * np.arange(int(48000 * audio_seconds)) / 48000)
+        chunk = 1024
+        sent = 0
+        for i, picture in enumerate(frames):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+            while tone is not None and sent < len(tone) and sent / 48000 <= (i + 1) / fps:
+                out.mux(audio.encode(_audio_frame(tone[sent : sent + chunk], sent, audio_format)))
+                sent += chunk
+        out.mux(video.encode(None))
+        while tone is not None and sent < len(tone):
+            out.mux(audio.encode(_audio_frame(tone[sent : sent + chunk], sent, audio_format)))
+            sent += chunk
+        if audio is not None:
+            out.mux(audio.encode(None))
+    return path
+
+
+def _audio_frame(samples: np.ndarray, start: int, audio_format: str) -> av.AudioFrame:
+    if audio_format.startswith("s32"):
+        data = (samples * 0.5 * 2**31).astype(np.int32)
+    elif audio_format.startswith("s16"):
+        data = (samples * 0.5 * 2**15).astype(np.int16)
+    else:
+        data = (samples * 0.5).astype(np.float32)
+    frame = av.AudioFrame.from_ndarray(data[None, :], format=audio_format, layout="mono")
+    frame.sample_rate, frame.pts, frame.time_base = 48000, start, Fraction(1, 48000)
+    return frame
+
+
+def decoded_count(path: Path) -> int:
+    """Frames PyAV itself decodes from `path` (independently of vlrt's reader)."""
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def render(capsys, *args: str) -> tuple[int, str]:
+    code = main(["render", "--model", "demo", "--backend", "torch", "--loop-n", "1", "--steps", "2", "--denoising-strength", "0.5", *args])
+    return code, capsys.readouterr().err
+
+
+# 2.11 -------------------------------------------------------------------------------------------
+
+
+def test_truncated_mkv_renders_what_is_there_and_warns_with_the_numbers(tmp_path, capsys, caplog):
+    whole = write_video(tmp_path / "whole.mkv", moving_frames(48, (32, 32)), audio_seconds=2.0)
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    there = decoded_count(cut)
+    assert 3 < there < 40
+    with caplog.at_level(logging.WARNING, logger="vlrt"):
+        code, err = render(capsys, str(cut), "-o", str(tmp_path / "out") + "/")
+    assert code == 0, err
+    # The header says 2.04 s (the sound's encoder delay included): 49 frames at 24 fps.
+    assert f"announced 49 frames (2.04 s) but only {there} could be decoded ({there / 24:.2f} s)" in caplog.text
+    assert len(list((tmp_path / "out").glob("*.png"))) == there  # the frames are kept
+
+
+def test_complete_files_do_not_warn_even_with_a_longer_sound_track(tmp_path, caplog):
+    path = write_video(tmp_path / "long_sound.mkv", moving_frames(24, (32, 32)), audio_seconds=1.3)
+    with caplog.at_level(logging.WARNING), open_source(str(path)) as source:
+        assert sum(1 for _ in source) == 24
+    assert "truncated" not in caplog.text
