@@ -4,6 +4,8 @@ as a user would, and checked for what the user expects."""
 from __future__ import annotations
 
 import logging
+import shutil
+import subprocess
 from fractions import Fraction
 from pathlib import Path
 
@@ -102,3 +104,35 @@ def test_complete_files_do_not_warn_even_with_a_longer_sound_track(tmp_path, cap
     with caplog.at_level(logging.WARNING), open_source(str(path)) as source:
         assert sum(1 for _ in source) == 24
     assert "truncated" not in caplog.text
+
+
+# 2.7 --------------------------------------------------------------------------------------------
+
+
+def _tone_check(samples: np.ndarray, rate: int) -> None:
+    """The 440 Hz tone at half scale, as written: not the full-scale noise of a misread codec."""
+    steady = samples[rate // 10 : rate // 10 + rate // 2]
+    assert np.sqrt(np.mean(steady**2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+    spectrum = np.abs(np.fft.rfft(steady))
+    assert np.fft.rfftfreq(len(steady), 1 / rate)[np.argmax(spectrum)] == pytest.approx(440, abs=5)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("out.mp4", "aac"), ("out.mov", "aac"), ("out.mkv", "pcm_s24le")])
+def test_24_bit_pcm_is_re_encoded_where_players_would_not_decode_it(tmp_path, capsys, name, expected):
+    source = write_video(tmp_path / "camera.mkv", moving_frames(24, (32, 32)), audio_seconds=1.0,
+                         audio_codec="pcm_s24le", audio_format="s32")
+    out = tmp_path / name
+    code, err = render(capsys, str(source), "-o", str(out))
+    assert code == 0, err
+    with av.open(str(out)) as container:
+        (audio,) = container.streams.audio
+        assert audio.codec_context.name == expected
+        rate = audio.codec_context.sample_rate
+        samples = np.concatenate([f.to_ndarray().astype(np.float64).reshape(-1) for f in container.decode(audio)])
+    if expected == "pcm_s24le":
+        samples = samples / 2**31
+    _tone_check(samples, rate)
+    if shutil.which("ffmpeg") is not None:  # a second decoder: Debian's ffmpeg
+        pcm = subprocess.run(["ffmpeg", "-v", "error", "-i", str(out), "-map", "0:a", "-f", "f32le", "-ac", "1", "-"],
+                             check=True, capture_output=True).stdout
+        _tone_check(np.frombuffer(pcm, np.float32).astype(np.float64), rate)

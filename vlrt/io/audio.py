@@ -3,14 +3,17 @@
 The source file is opened a second time, for its first audio track only, and read just up
 to the time of the last video frame written, so sound is interleaved with the picture and
 nothing is buffered beyond what the muxer needs, however long the video. The track is
-copied when the output container accepts its codec, else re-encoded (AAC, or Opus for WebM,
-which accepts nothing else). It ends with the video: a copied track with the last packet
+copied when the output container's players decode its codec widely (`PLAYED_WIDELY`), else
+re-encoded (AAC for mp4/mov, Opus for WebM), saying so once: 24-bit PCM copied into mp4 becomes
+`ipcm`, which FFmpeg 5.1 and common players decode as full-scale noise. Matroska plays anything
+it accepts. It ends with the video: a copied track with the last packet
 that starts before the video ends (so up to one packet, ~21 ms for AAC, longer), a
 re-encoded one at the exact sample.
 """
 
 from __future__ import annotations
 
+import logging
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,6 +23,14 @@ import numpy as np
 from vlrt.errors import VlrtError
 from vlrt.io.av_errors import reason
 
+log = logging.getLogger(__name__)
+# Per output muxer, the audio codecs copied as they are; others are re-encoded. A muxer not named
+# here copies whatever it accepts.
+PLAYED_WIDELY = {
+    "mp4": frozenset({"aac", "mp3", "ac3", "eac3"}),
+    "mov": frozenset({"aac", "mp3", "ac3", "eac3", "alac"}),
+    "webm": frozenset({"opus", "vorbis"}),
+}
 _REENCODE = {"webm": ("libopus", 128_000, 48_000)}
 _DEFAULT_REENCODE = ("aac", 192_000, None)  # None: keep the source's sample rate
 
@@ -36,11 +47,12 @@ class AudioPassthrough:
         self._output = output
         self._in = source.streams.audio[0]
         self._offset = self._video_start()
-        try:
-            self._out = output.add_stream_from_template(self._in)
-            self._encoder = None
-        except ValueError:  # the container does not take this codec as it is
+        self._out = _copied(self._in, output)
+        self._encoder = None
+        if self._out is None:
             codec, bit_rate, rate = _REENCODE.get(output.format.name, _DEFAULT_REENCODE)
+            log.info(f"the sound ({self._in.codec_context.name}) is re-encoded as {codec.removeprefix('lib')}: "
+                     f"{output.format.name} players do not decode it widely")
             layout = "mono" if self._in.codec_context.channels == 1 else "stereo"
             self._out = output.add_stream(codec, rate=rate or self._in.codec_context.sample_rate, layout=layout)
             self._out.bit_rate = bit_rate
@@ -120,6 +132,17 @@ class AudioPassthrough:
 
     def close(self) -> None:
         self._input.close()
+
+
+def _copied(track: av.audio.stream.AudioStream, output: av.container.OutputContainer) -> av.audio.stream.AudioStream | None:
+    """A stream in `output` that copies `track` as it is, or None when it must be re-encoded."""
+    widely = PLAYED_WIDELY.get(output.format.name)
+    if widely is not None and track.codec_context.name not in widely:
+        return None
+    try:
+        return output.add_stream_from_template(track)
+    except ValueError:  # the container does not take this codec as it is
+        return None
 
 
 def carry_audio(source: Path, output: av.container.OutputContainer) -> AudioPassthrough | None:
