@@ -136,3 +136,52 @@ def test_24_bit_pcm_is_re_encoded_where_players_would_not_decode_it(tmp_path, ca
         pcm = subprocess.run(["ffmpeg", "-v", "error", "-i", str(out), "-map", "0:a", "-f", "f32le", "-ac", "1", "-"],
                              check=True, capture_output=True).stdout
         _tone_check(np.frombuffer(pcm, np.float32).astype(np.float64), rate)
+
+
+# 2.5 --------------------------------------------------------------------------------------------
+
+
+def _flat_frames(count: int) -> list[np.ndarray]:
+    """Frames of few colours (a GIF palette holds them exactly)."""
+    frames = []
+    for i in range(count):
+        picture = np.zeros((24, 32, 3), np.uint8)
+        picture[:, : 4 * (i + 1)] = (200, 40 * i, 30)
+        frames.append(picture)
+    return frames
+
+
+@pytest.mark.parametrize(("suffix", "durations_ms"), [
+    (".gif", [40] * 6),
+    (".png", [100, 50, 50, 100, 20, 80]),  # APNG
+    (".webp", [40] * 6),
+])
+def test_animated_pictures_are_videos_with_their_durations(tmp_path, suffix, durations_ms):
+    from PIL import Image
+
+    pictures = _flat_frames(6)
+    path = tmp_path / f"anim{suffix}"
+    images = [Image.fromarray(p) for p in pictures]
+    extra = {"lossless": True} if suffix == ".webp" else {}
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations_ms, loop=0, **extra)
+    with open_source(str(path)) as source:
+        frames = list(source)
+        info = source.info
+    assert info.frame_count == 6 and len(frames) == 6
+    assert info.fps == (Fraction(1000, durations_ms[0]) if len(set(durations_ms)) == 1 else Fraction(6000, sum(durations_ms)))
+    assert [f.meta["time"] for f in frames] == pytest.approx([sum(durations_ms[:i]) / 1000 for i in range(6)])
+    for frame, picture in zip(frames, pictures):
+        np.testing.assert_array_equal(frame.image, picture)
+
+
+def test_animated_gif_renders_to_a_video_of_its_frames_and_rate(tmp_path, capsys):
+    from PIL import Image
+
+    images = [Image.fromarray(p) for p in _flat_frames(6)]
+    gif = tmp_path / "meme.gif"
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=40, loop=0)
+    code, err = render(capsys, str(gif), "-o", str(tmp_path / "out.mp4"))
+    assert code == 0, err
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        stream = container.streams.video[0]
+        assert (sum(1 for _ in container.decode(stream)), stream.average_rate) == (6, 25)

@@ -22,7 +22,7 @@ import av
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
 from vlrt.io import rawvideo
-from vlrt.io.images import is_image_file, list_images, read_image
+from vlrt.io.images import animation_durations, animation_frames, is_image_file, list_images, read_image
 from vlrt.io.pipes import PipeReader
 from vlrt.io.seek import count_video_frames, frames_from
 from vlrt.io.threads import Prefetched, prefetch
@@ -91,6 +91,27 @@ def _count(total: int | None, nth: int, limit: int | None) -> int | None:
         return None
     kept = math.ceil(total / nth)
     return kept if limit is None else min(kept, limit)
+
+
+def _animation_source(
+    path: Path, durations: list[float], nth: int, limit: int | None, fps: Fraction | None, start: int
+) -> Source:
+    """An animated GIF, APNG or WebP as a video: each frame carries its start time. Equal durations
+    give the rate exactly; unequal ones the average rate (`input_fps` overrides both)."""
+    starts = [sum(durations[:number]) for number in range(len(durations))]
+    if fps is None:
+        fps = (Fraction(1) / Fraction(durations[0]).limit_denominator(1000) if len(set(durations)) == 1
+               else Fraction(len(durations)) / Fraction(sum(durations)).limit_denominator(1000))
+
+    def frames() -> Iterator[Frame]:
+        pictures = animation_frames(path, start * nth)
+        for index, (image, alpha) in _pick(pictures, nth, limit, start):
+            yield Frame(index, image, alpha, _default_name(index), {"time": starts[index * nth]})
+
+    def info(first: Frame) -> SourceInfo:
+        return SourceInfo(first.width, first.height, fps, _count(len(durations), nth, limit), None, False, "video")
+
+    return _start(info, frames(), start=start)
 
 
 def _default_name(index: int) -> str:
@@ -323,6 +344,9 @@ def open_source(
             path, f"'{path}'", kind="video", size=input_size, nth=nth, limit=max_frames, fps=fps, start=start
         )
     if is_image_file(path):
+        durations = animation_durations(path)
+        if durations is not None:
+            return _animation_source(path, durations, nth, max_frames, fps, start)
         return _image_source(path, max_frames, fps, start)
     return _video_source(
         str(path), f"video '{path}'", path=path, kind="video", streaming=False, nth=nth, limit=max_frames,
