@@ -185,3 +185,43 @@ def test_animated_gif_renders_to_a_video_of_its_frames_and_rate(tmp_path, capsys
     with av.open(str(tmp_path / "out.mp4")) as container:
         stream = container.streams.video[0]
         assert (sum(1 for _ in container.decode(stream)), stream.average_rate) == (6, 25)
+
+
+# 2.3 --------------------------------------------------------------------------------------------
+
+
+def _disc_extent(picture: np.ndarray) -> tuple[int, int]:
+    """Width and height of the bright disc."""
+    ys, xs = np.nonzero(picture.mean(axis=2) > 128)
+    return int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)
+
+
+def test_anamorphic_video_is_rendered_at_its_display_aspect(tmp_path, capsys):
+    """Stored 96×72 with pixels 4:3 wide (displayed 128×72, 16:9): a disc drawn round on the
+    display is stored as an ellipse, and must come out round in square pixels."""
+    stored_w, h, sar, radius = 96, 72, Fraction(4, 3), 24
+    ys, xs = np.mgrid[0:h, 0:stored_w]
+    disc = ((xs + 0.5 - stored_w / 2) * sar) ** 2 + (ys + 0.5 - h / 2) ** 2 <= radius**2
+    picture = np.where(disc[..., None], 230, 20).astype(np.uint8).repeat(3, axis=2)
+    path = tmp_path / "anamorphic.mp4"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=24, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = stored_w, h, "yuv444p"
+        stream.codec_context.sample_aspect_ratio = sar
+        for _ in range(3):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+    with av.open(str(path)) as check:
+        assert check.streams.video[0].sample_aspect_ratio == sar  # the file really is anamorphic
+    with open_source(str(path)) as source:
+        assert (source.info.width, source.info.height) == (128, 72)
+        w, hh = _disc_extent(next(iter(source)).image)
+        assert abs(w - hh) <= 2 and abs(w - 2 * radius) <= 3
+    code, err = render(capsys, str(path), "-o", str(tmp_path / "out.mp4"), "--denoising-strength", "0.2")
+    assert code == 0, err
+    with av.open(str(tmp_path / "out.mp4")) as rendered:
+        stream = rendered.streams.video[0]
+        assert (stream.width, stream.height) == (128, 72)
+        assert stream.sample_aspect_ratio in (None, 1)
+        w, hh = _disc_extent(next(rendered.decode(stream)).to_ndarray(format="rgb24"))
+        assert abs(w - hh) <= 3

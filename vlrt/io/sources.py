@@ -26,7 +26,14 @@ from vlrt.io.images import animation_durations, animation_frames, is_image_file,
 from vlrt.io.pipes import PipeReader
 from vlrt.io.seek import count_video_frames, frames_from
 from vlrt.io.threads import Prefetched, prefetch
-from vlrt.io.video_in import decoded_frames, estimate_frame_count, open_video, to_arrays, video_fps
+from vlrt.io.video_in import (
+    decoded_frames,
+    estimate_frame_count,
+    open_video,
+    sample_aspect_ratio,
+    to_arrays,
+    video_fps,
+)
 
 T = TypeVar("T")
 PREFETCH_FRAMES = 8
@@ -185,11 +192,13 @@ def _image_source(path: Path, max_frames: int | None, fps: Fraction | None, star
     return _start(info, frames(), start=start)
 
 
-def _video_frames(decoded: Iterator[av.VideoFrame], nth: int, limit: int | None, start: int) -> Iterator[Frame]:
-    """Frames `start`, … from `decoded`, which begins at decoded frame `start × nth`."""
+def _video_frames(
+    decoded: Iterator[av.VideoFrame], nth: int, limit: int | None, start: int, sar: Fraction
+) -> Iterator[Frame]:
+    """Frames `start`, … from `decoded`, which begins at decoded frame `start × nth`, in square pixels."""
     try:
         for index, frame in _pick(decoded, nth, limit, start):
-            image, alpha = to_arrays(frame)
+            image, alpha = to_arrays(frame, sar)
             yield Frame(index, image, alpha, _default_name(index), {"time": frame.time})
     finally:
         decoded.close()
@@ -213,6 +222,7 @@ def _video_source(
     stream = container.streams.video[0]
     has_audio = bool(container.streams.audio)
     rate = fps or video_fps(stream)
+    sar = sample_aspect_ratio(stream)
     announced = estimate_frame_count(container, stream)
     if streaming:
         total = None
@@ -231,7 +241,7 @@ def _video_source(
 
     return _start(
         info,
-        _video_frames(decoded, nth, limit, start),
+        _video_frames(decoded, nth, limit, start, sar),
         f"{label} decoded to zero frames: check that the video is complete and plays",
         start,
     )

@@ -85,13 +85,31 @@ def _has_alpha(frame: av.VideoFrame) -> bool:
     return any(component.is_alpha for component in frame.format.components)
 
 
-def to_arrays(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray | None]:
-    """RGB uint8 (and alpha when the stream has it), turned upright per the display matrix."""
+def sample_aspect_ratio(stream: av.video.stream.VideoStream) -> Fraction:
+    """The width of a stored pixel over its height as displayed (1 for square pixels)."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    return Fraction(sar) if sar else Fraction(1)
+
+
+def display_size(width: int, height: int, sar: Fraction) -> tuple[int, int]:
+    """The square-pixel size that shows a `width`×`height` picture of pixel aspect `sar` as players
+    do: the stretched side grows, so no stored pixel is lost."""
+    if sar > 1:
+        return round(width * sar), height
+    if sar < 1:
+        return width, round(height / sar)
+    return width, height
+
+
+def to_arrays(frame: av.VideoFrame, sar: Fraction = Fraction(1)) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB uint8 (and alpha when the stream has it), in square pixels at the display aspect
+    (anamorphic video, `sar` ≠ 1, is scaled by FFmpeg's swscale), turned upright per the display matrix."""
+    width, height = display_size(frame.width, frame.height, sar)
     if _has_alpha(frame):
-        rgba = frame.to_ndarray(format="rgba")
+        rgba = frame.to_ndarray(format="rgba", width=width, height=height, interpolation="BICUBIC")
         rgb, alpha = rgba[..., :3], rgba[..., 3]
     else:
-        rgb, alpha = frame.to_ndarray(format="rgb24"), None
+        rgb, alpha = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC"), None
     turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns, as players apply
     if turns:
         rgb = np.rot90(rgb, turns)
