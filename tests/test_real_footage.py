@@ -225,3 +225,58 @@ def test_anamorphic_video_is_rendered_at_its_display_aspect(tmp_path, capsys):
         assert stream.sample_aspect_ratio in (None, 1)
         w, hh = _disc_extent(next(rendered.decode(stream)).to_ndarray(format="rgb24"))
         assert abs(w - hh) <= 3
+
+
+# 2.6 --------------------------------------------------------------------------------------------
+
+
+def _woven(i: int, w: int = 64, h: int = 48) -> np.ndarray:
+    """An interlaced camera's frame of a moving bar: the bottom field is taken half a frame after
+    the top one, so the bar's edges comb."""
+    picture = np.full((h, w, 3), 30, np.uint8)
+    x = (i * 6) % (w - 16)
+    picture[0::2, x : x + 10] = 230
+    picture[1::2, x + 3 : x + 13] = 230
+    return picture
+
+
+def _combing(picture: np.ndarray) -> float:
+    """Mean distance of each row from the mean of its neighbours: high where fields disagree."""
+    grey = picture.astype(float).mean(axis=2)
+    return float(np.abs(grey[1:-1] - (grey[:-2] + grey[2:]) / 2).mean())
+
+
+def _interlaced_clip(path: Path, frames: int = 8) -> Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"qp": "0", "x264-params": "interlaced=1:tff=1"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv444p"
+        for i in range(frames):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(_woven(i), format="rgb24")))
+        out.mux(stream.encode(None))
+    return path
+
+
+def test_interlaced_video_is_deinterlaced_unless_asked_not_to(tmp_path, caplog, capsys):
+    path = _interlaced_clip(tmp_path / "tape.mkv")
+    with av.open(str(path)) as check:
+        assert all(f.interlaced_frame for f in check.decode(video=0))  # the file is flagged interlaced
+    with caplog.at_level(logging.INFO, logger="vlrt"), open_source(str(path)) as source:
+        frames = [f.image for f in source]
+    assert caplog.text.count("is interlaced: deinterlacing") == 1
+    kept = [f.image for f in open_source(str(path), deinterlace=False)]
+    assert len(frames) == len(kept) == 8
+    assert min(_combing(k) for k in kept) > 10  # the fields comb as they came
+    assert max(_combing(f) for f in frames) < 2
+    # A start later in the file (--resume, --segments) gives the same pictures as decoding from the start.
+    later = [f.image for f in open_source(str(path), start=5)]
+    for got, whole in zip(later, frames[5:], strict=True):
+        np.testing.assert_array_equal(got, whole)
+    code, err = render(capsys, str(path), "-o", str(tmp_path / "out") + "/", "--denoising-strength", "0.1")
+    assert code == 0, err
+    code, err = render(capsys, str(path), "-o", str(tmp_path / "fields") + "/", "--denoising-strength", "0.1",
+                       "--deinterlace", "off")
+    assert code == 0, err
+    from conftest import read_frames
+
+    assert max(_combing(f) for f in read_frames(tmp_path / "out")) < 3
+    assert min(_combing(f) for f in read_frames(tmp_path / "fields")) > 5

@@ -28,6 +28,7 @@ from vlrt.io.seek import count_video_frames, frames_from
 from vlrt.io.threads import Prefetched, prefetch
 from vlrt.io.video_in import (
     decoded_frames,
+    deinterlaced,
     estimate_frame_count,
     open_video,
     sample_aspect_ratio,
@@ -216,7 +217,7 @@ def _skipped(items: Iterator[T], count: int) -> Iterator[T]:
 
 def _video_source(
     file: Any, label: str, *, path: Path | None, kind: str, streaming: bool, nth: int, limit: int | None,
-    input_format: str | None, fps: Fraction | None, start: int, exact_count: bool,
+    input_format: str | None, fps: Fraction | None, start: int, exact_count: bool, deinterlace: bool,
 ) -> Source:
     container = open_video(file, label, format=input_format, streaming=streaming)
     stream = container.streams.video[0]
@@ -232,9 +233,16 @@ def _video_source(
         total = _count(announced, nth, limit)
     if start and path is not None:
         container.close()  # a file seeks, in containers of its own
-        decoded = frames_from(str(path), label, start * nth, input_format)
+        # The deinterlacer looks one frame back: it starts a frame early, whose output is dropped.
+        lead = 1 if deinterlace else 0
+        decoded = frames_from(str(path), label, start * nth - lead, input_format)
+        if deinterlace:
+            decoded = _skipped(deinterlaced(decoded, label), lead)
     else:
-        decoded = _skipped(decoded_frames(container, label, streaming, announced), start * nth)
+        decoded = decoded_frames(container, label, streaming, announced)
+        if deinterlace:
+            decoded = deinterlaced(decoded, label)
+        decoded = _skipped(decoded, start * nth)
 
     def info(first: Frame) -> SourceInfo:
         return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind)
@@ -286,7 +294,7 @@ def _raw_source(
 
 def _stdin_source(
     stdin: BinaryIO | None, *, nth: int, limit: int | None, input_format: str | None,
-    input_size: tuple[int, int] | None, fps: Fraction | None, start: int,
+    input_size: tuple[int, int] | None, fps: Fraction | None, start: int, deinterlace: bool,
 ) -> Source:
     stream = stdin if stdin is not None else sys.stdin.buffer
     isatty = getattr(stream, "isatty", None)
@@ -303,7 +311,7 @@ def _stdin_source(
     streaming = not (seekable is not None and seekable())
     return _video_source(
         PipeReader(stream) if streaming else stream, STDIN_LABEL, path=None, kind="stdin", streaming=streaming,
-        nth=nth, limit=limit, input_format=input_format, fps=fps, start=start, exact_count=False,
+        nth=nth, limit=limit, input_format=input_format, fps=fps, start=start, exact_count=False, deinterlace=deinterlace,
     )
 
 
@@ -319,6 +327,7 @@ def open_source(
     stdin: BinaryIO | None = None,
     start: int = 0,
     exact_count: bool = False,
+    deinterlace: bool = True,
 ) -> Source:
     """Open INPUT: a video file, a folder of images, one image, or "-" for standard input.
 
@@ -330,7 +339,8 @@ def open_source(
     file seeks to it frame-accurately (`vlrt.io.seek`), a folder or raw file goes straight to
     it, standard input reads and drops the frames before it. `info` still describes the whole input;
     its `frame_count` is exact except for a video file's, an estimate from the header unless
-    `exact_count` has the packets counted (a pass over the file without decoding).
+    `exact_count` has the packets counted (a pass over the file without decoding). Interlaced
+    video is deinterlaced unless `deinterlace` is False (`video_in.deinterlaced`).
     """
     nth = 1 if is_continue else extract_nth_frame
     if nth < 1:
@@ -342,7 +352,8 @@ def open_source(
         raise VlrtError("--input-size only applies to raw frames: add --input-format rawvideo or drop --input-size")
     if spec == "-":
         return _stdin_source(
-            stdin, nth=nth, limit=max_frames, input_format=input_format, input_size=input_size, fps=fps, start=start
+            stdin, nth=nth, limit=max_frames, input_format=input_format, input_size=input_size, fps=fps, start=start,
+            deinterlace=deinterlace,
         )
     path = Path(spec)
     if not path.exists():
@@ -360,5 +371,5 @@ def open_source(
         return _image_source(path, max_frames, fps, start)
     return _video_source(
         str(path), f"video '{path}'", path=path, kind="video", streaming=False, nth=nth, limit=max_frames,
-        input_format=input_format, fps=fps, start=start, exact_count=exact_count,
+        input_format=input_format, fps=fps, start=start, exact_count=exact_count, deinterlace=deinterlace,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from itertools import chain
 from fractions import Fraction
 from typing import Any
 
@@ -115,6 +116,34 @@ def to_arrays(frame: av.VideoFrame, sar: Fraction = Fraction(1)) -> tuple[np.nda
         rgb = np.rot90(rgb, turns)
         alpha = None if alpha is None else np.rot90(alpha, turns)
     return np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha)
+
+
+def deinterlaced(frames: Iterator[av.VideoFrame], label: str) -> Iterator[av.VideoFrame]:
+    """`frames` deinterlaced by FFmpeg's bwdif when the first one is interlaced (saying so once):
+    one frame per frame, each field's missing lines interpolated with its neighbours' motion, so
+    moving edges do not comb. Frames flagged progressive pass unchanged; a progressive stream
+    does not enter the filter at all."""
+    try:
+        first = next(frames, None)
+        if first is None or not first.interlaced_frame:
+            yield from () if first is None else chain([first], frames)
+            return
+        log.info(f"{label} is interlaced: deinterlacing it with FFmpeg's bwdif (--deinterlace off keeps its fields)")
+        graph = av.filter.Graph()
+        source = graph.add_buffer(width=first.width, height=first.height, format=first.format, time_base=first.time_base)
+        bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
+        source.link_to(bwdif)
+        bwdif.link_to(graph.add("buffersink"))
+        graph.configure()
+        for frame in chain([first], frames, [None]):
+            graph.push(frame)
+            while True:
+                try:
+                    yield graph.pull()
+                except (av.error.BlockingIOError, av.error.EOFError):
+                    break
+    finally:
+        frames.close()
 
 
 def decoded_frames(

@@ -525,6 +525,7 @@ def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None, start: i
         stdin=stdin,
         start=start,
         exact_count=exact_count,
+        deinterlace=settings.deinterlace != "off",
     )
 
 
