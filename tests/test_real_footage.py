@@ -32,29 +32,41 @@ def moving_frames(count: int, size: tuple[int, int] = (64, 48)) -> list[np.ndarr
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = 24, *, codec: str = "libx264",
-                audio_seconds: float | None = None, audio_codec: str = "aac", audio_format: str = "fltp") -> Path:
-    """A video (and a 440 Hz tone of `audio_seconds`) written with PyAV directly, interleaved by time."""
+                audio_seconds: float | None = None, audio_codec: str = "aac", audio_format: str = "fltp",
+                tones: tuple[float, ...] = (440,), languages: tuple[str, ...] = (), default: int = 0) -> Path:
+    """A video and, with `audio_seconds`, one audio track per tone (languages, default track as
+    given), written with PyAV directly, interleaved by time."""
     h, w = frames[0].shape[:2]
     with av.open(str(path), "w") as out:
         video = out.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = w, h, "yuv420p"
-        audio = None
-        if audio_seconds is not None:
+        tracks = []
+        for number, frequency in enumerate(tones if audio_seconds is not None else ()):
             audio = out.add_stream(audio_codec, rate=48000)
             audio.layout, audio.format = "mono", audio_format
-        tone = None if audio is None else np.sin(2 * np.pi * 440 * np.arange(int(48000 * audio_seconds)) / 48000)
+            if languages:
+                audio.metadata["language"] = languages[number]
+            audio.disposition = av.stream.Disposition.default if number == default else 0
+            tone = np.sin(2 * np.pi * frequency * np.arange(int(48000 * audio_seconds)) / 48000)
+            tracks.append((audio, tone))
         chunk = 1024
         sent = 0
+
+        def send_until(end: int) -> None:
+            nonlocal sent
+            while sent < end:
+                for audio, tone in tracks:
+                    if sent < len(tone):
+                        out.mux(audio.encode(_audio_frame(tone[sent : sent + chunk], sent, audio_format)))
+                sent += chunk
+
+        longest = max((len(tone) for _, tone in tracks), default=0)
         for i, picture in enumerate(frames):
             out.mux(video.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
-            while tone is not None and sent < len(tone) and sent / 48000 <= (i + 1) / fps:
-                out.mux(audio.encode(_audio_frame(tone[sent : sent + chunk], sent, audio_format)))
-                sent += chunk
+            send_until(min(longest, int(48000 * (i + 1) / fps)))
         out.mux(video.encode(None))
-        while tone is not None and sent < len(tone):
-            out.mux(audio.encode(_audio_frame(tone[sent : sent + chunk], sent, audio_format)))
-            sent += chunk
-        if audio is not None:
+        send_until(longest)
+        for audio, _ in tracks:
             out.mux(audio.encode(None))
     return path
 
@@ -280,3 +292,42 @@ def test_interlaced_video_is_deinterlaced_unless_asked_not_to(tmp_path, caplog, 
 
     assert max(_combing(f) for f in read_frames(tmp_path / "out")) < 3
     assert min(_combing(f) for f in read_frames(tmp_path / "fields")) > 5
+
+
+# 2.13 -------------------------------------------------------------------------------------------
+
+
+def _tone_of(samples: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(samples))
+    return float(np.fft.rfftfreq(len(samples), 1 / rate)[np.argmax(spectrum)])
+
+
+@pytest.mark.parametrize("name", ["out.mkv", "out.mp4"])
+def test_every_audio_track_is_carried_with_its_language_and_default_flag(tmp_path, capsys, name):
+    source = write_video(tmp_path / "dub.mkv", moving_frames(24, (32, 32)), audio_seconds=1.0,
+                         tones=(440, 880, 660), languages=("eng", "fra", "deu"), default=1)
+    code, err = render(capsys, str(source), "-o", str(tmp_path / name))
+    assert code == 0, err
+    with av.open(str(tmp_path / name)) as container:
+        tracks = [(s.language, bool(s.disposition & av.stream.Disposition.default)) for s in container.streams.audio]
+        tones = []
+        for stream in container.streams.audio:
+            with av.open(str(tmp_path / name)) as again:
+                track = again.streams.audio[stream.index - 1]
+                samples = np.concatenate([f.to_ndarray().reshape(-1) for f in again.decode(track)])
+                tones.append(round(_tone_of(samples.astype(float), track.codec_context.sample_rate)))
+    assert tracks == [("eng", False), ("fra", True), ("deu", False)]
+    assert tones == [440, 880, 660]
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs Debian's ffmpeg to write a subtitle track")
+def test_a_subtitle_track_left_out_is_named(tmp_path, capsys, caplog):
+    (tmp_path / "subs.srt").write_text("1\n00:00:00,000 --> 00:00:00,500\nhello\n", encoding="utf-8")
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=32x32:rate=24", "-f", "lavfi",
+                    "-i", "sine=r=48000", "-i", "subs.srt", "-t", "0.5", "-map", "0", "-map", "1", "-map", "2",
+                    "-metadata:s:s:0", "language=spa", "-c:v", "libx264", "-c:a", "aac", "-c:s", "srt", "film.mkv"],
+                   cwd=tmp_path, check=True)
+    with caplog.at_level(logging.WARNING, logger="vlrt"):
+        code, err = render(capsys, str(tmp_path / "film.mkv"), "-o", str(tmp_path / "out.mp4"))
+    assert code == 0, err
+    assert "not carried into the output: #2 subtitle srt spa" in caplog.text

@@ -27,7 +27,7 @@ from pathlib import Path
 import av
 
 from vlrt.errors import VlrtError
-from vlrt.io.audio import AudioPassthrough, carry_audio
+from vlrt.io.audio import Soundtracks, carry_audio
 from vlrt.io.av_errors import reason
 from vlrt.io.parts import Part
 
@@ -71,7 +71,7 @@ def join_parts(
         output = av.open(str(target), "w", format=muxer, container_options=options)
     except (av.error.FFmpegError, OSError) as exc:
         raise VlrtError(f"cannot write output {label} ({reason(exc)}): check the folder is writable") from exc
-    audio: AudioPassthrough | None = None
+    audio: Soundtracks | None = None
     try:
         with av.open(str(parts[0].path)) as first:
             video = output.add_stream_from_template(first.streams.video[0])
