@@ -331,3 +331,85 @@ def test_a_subtitle_track_left_out_is_named(tmp_path, capsys, caplog):
         code, err = render(capsys, str(tmp_path / "film.mkv"), "-o", str(tmp_path / "out.mp4"))
     assert code == 0, err
     assert "not carried into the output: #2 subtitle srt spa" in caplog.text
+
+
+# 2.2 --------------------------------------------------------------------------------------------
+
+
+def _vfr_clip(path: Path) -> tuple[list[Fraction], int]:
+    """A phone-like clip: 12 frames 1/15 s apart, then 12 frames 1/30 s apart; frame 12 flashes
+    white and a 1 kHz beep starts at its time in the sound. Returns the frame times and the flash."""
+    tb = Fraction(1, 90000)
+    times = [Fraction(i, 15) if i <= 12 else Fraction(12, 15) + Fraction(i - 12, 30) for i in range(24)]
+    flash = 12
+    rate = 48000
+    sound = np.zeros(int(rate * (times[-1] + Fraction(1, 30))), np.float32)
+    onset = int(times[flash] * rate)
+    sound[onset : onset + rate // 10] = 0.5 * np.sin(2 * np.pi * 1000 * np.arange(rate // 10) / rate)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=30)
+        video.width, video.height, video.pix_fmt = 32, 32, "yuv420p"
+        video.time_base = video.codec_context.time_base = tb
+        audio = out.add_stream("aac", rate=rate)
+        audio.layout, audio.format = "mono", "fltp"
+        sent = 0
+        for i, (time, picture) in enumerate(zip(times, moving_frames(24, (32, 32)))):
+            if i == flash:
+                picture = np.full_like(picture, 255)
+            frame = av.VideoFrame.from_ndarray(picture // (1 if i == flash else 3), format="rgb24")
+            frame.pts, frame.time_base = round(time / tb), tb
+            out.mux(video.encode(frame))
+            while sent < min(len(sound), int((time + Fraction(1, 15)) * rate)):
+                out.mux(audio.encode(_audio_frame(sound[sent : sent + 1024] * 2, sent, "fltp")))
+                sent += 1024
+        out.mux(video.encode(None))
+        while sent < len(sound):
+            out.mux(audio.encode(_audio_frame(sound[sent : sent + 1024] * 2, sent, "fltp")))
+            sent += 1024
+        out.mux(audio.encode(None))
+    return times, flash
+
+
+def test_variable_frame_rate_keeps_each_frames_time_and_the_sound_in_sync(tmp_path, capsys):
+    times, flash = _vfr_clip(tmp_path / "phone.mp4")
+    out = tmp_path / "out.mp4"
+    code, err = render(capsys, str(tmp_path / "phone.mp4"), "-o", str(out), "--denoising-strength", "0.2")
+    assert code == 0, err
+    with av.open(str(out)) as container:
+        video = container.streams.video[0]
+        shown = [(f.time, f.to_ndarray(format="rgb24").mean()) for f in container.decode(video)]
+    with av.open(str(out)) as container:
+        audio = container.streams.audio[0]
+        chunks = [(f.time, f.to_ndarray()[0]) for f in container.decode(audio)]
+        rate = audio.codec_context.sample_rate
+    frame = 1 / 30
+    assert [t for t, _ in shown] == pytest.approx([float(t) for t in times], abs=0.002)
+    brightest = max(shown, key=lambda s: s[1])[0]
+    beep = next(start + np.argmax(np.abs(samples) > 0.2) / rate for start, samples in chunks if np.abs(samples).max() > 0.2)
+    assert abs(beep - brightest) < frame  # the picture and the sound of the flash together
+    video_end = shown[-1][0] + frame
+    audio_end = chunks[-1][0] + len(chunks[-1][1]) / rate
+    assert abs(video_end - audio_end) < frame
+
+
+def test_output_frame_rate_gives_a_constant_rate_for_a_variable_source(tmp_path, capsys):
+    _vfr_clip(tmp_path / "phone.mp4")
+    out = tmp_path / "out.mp4"
+    code, err = render(capsys, str(tmp_path / "phone.mp4"), "-o", str(out), "--output-frame-rate", "20")
+    assert code == 0, err
+    with av.open(str(out)) as container:
+        stamps = [f.time for f in container.decode(video=0)]
+    assert stamps == pytest.approx([i / 20 for i in range(24)], abs=0.002)
+
+
+def test_animation_of_unequal_durations_keeps_them_in_a_video_output(tmp_path, capsys):
+    from PIL import Image
+
+    durations = [100, 50, 50, 200, 20, 80]
+    images = [Image.fromarray(p) for p in _flat_frames(6)]
+    images[0].save(tmp_path / "anim.png", save_all=True, append_images=images[1:], duration=durations, loop=0)
+    code, err = render(capsys, str(tmp_path / "anim.png"), "-o", str(tmp_path / "out.mkv"))
+    assert code == 0, err
+    with av.open(str(tmp_path / "out.mkv")) as container:
+        stamps = [f.time for f in container.decode(video=0)]
+    assert stamps == pytest.approx([sum(durations[:i]) / 1000 for i in range(6)], abs=0.002)

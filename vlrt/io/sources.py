@@ -8,6 +8,7 @@ does not grow with the video's length and decoding overlaps inference.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -24,7 +25,7 @@ from vlrt.frames import Frame
 from vlrt.io import rawvideo
 from vlrt.io.images import animation_durations, animation_frames, is_image_file, list_images, read_image
 from vlrt.io.pipes import PipeReader
-from vlrt.io.seek import count_video_frames, frames_from
+from vlrt.io.seek import count_video_frames, frames_from, variable_frame_times
 from vlrt.io.threads import Prefetched, prefetch
 from vlrt.io.video_in import (
     decoded_frames,
@@ -37,6 +38,7 @@ from vlrt.io.video_in import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 PREFETCH_FRAMES = 8
 STDIN_LABEL = "standard input"
 
@@ -52,6 +54,9 @@ class SourceInfo:
     path: Path | None  # the input file, for audio passthrough; None for folders and stdin
     has_audio: bool
     kind: str  # "video" | "folder" | "image" | "stdin"
+    # Each kept frame's time in seconds when the source's frame rate varies (a video file, an
+    # animation of unequal durations); None at a constant rate. A video output keeps these times.
+    frame_times: list[Fraction] | None = None
 
 
 class Source:
@@ -105,8 +110,10 @@ def _animation_source(
     path: Path, durations: list[float], nth: int, limit: int | None, fps: Fraction | None, start: int
 ) -> Source:
     """An animated GIF, APNG or WebP as a video: each frame carries its start time. Equal durations
-    give the rate exactly; unequal ones the average rate (`input_fps` overrides both)."""
+    give the rate exactly; unequal ones the average rate (`input_fps` overrides both), and their
+    times go to `SourceInfo.frame_times`."""
     starts = [sum(durations[:number]) for number in range(len(durations))]
+    varies = fps is None and len(set(durations)) > 1
     if fps is None:
         fps = (Fraction(1) / Fraction(durations[0]).limit_denominator(1000) if len(set(durations)) == 1
                else Fraction(len(durations)) / Fraction(sum(durations)).limit_denominator(1000))
@@ -116,8 +123,10 @@ def _animation_source(
         for index, (image, alpha) in _pick(pictures, nth, limit, start):
             yield Frame(index, image, alpha, _default_name(index), {"time": starts[index * nth]})
 
+    times = [Fraction(t).limit_denominator(1000) for t in starts[::nth][:limit]] if varies else None
+
     def info(first: Frame) -> SourceInfo:
-        return SourceInfo(first.width, first.height, fps, _count(len(durations), nth, limit), None, False, "video")
+        return SourceInfo(first.width, first.height, fps, _count(len(durations), nth, limit), None, False, "video", times)
 
     return _start(info, frames(), start=start)
 
@@ -225,6 +234,13 @@ def _video_source(
     rate = fps or video_fps(stream)
     sar = sample_aspect_ratio(stream)
     announced = estimate_frame_count(container, stream)
+    times = None
+    if fps is None and path is not None and stream.average_rate != stream.base_rate:  # the rate may vary: check the packets
+        times = variable_frame_times(str(path), label, input_format, stream.time_base, stream.start_time)
+        if times is not None:
+            times = list(islice(times[::nth], limit))
+            log.info(f"{label} has a variable frame rate: the output keeps each frame's time "
+                     "(--output-frame-rate gives a constant rate instead)")
     if streaming:
         total = None
     elif exact_count and path is not None:
@@ -245,7 +261,7 @@ def _video_source(
         decoded = _skipped(decoded, start * nth)
 
     def info(first: Frame) -> SourceInfo:
-        return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind)
+        return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind, times)
 
     return _start(
         info,

@@ -299,12 +299,13 @@ def _stream(
     `first` frame, `reach` frames earlier, so the kept frames are exact."""
     fps = settings.output_fps(source.info.fps)
     audio = audio_for(settings, source.info)
+    times = frame_times_for(settings, source.info)
     progress.set_total(source.info.frame_count)
     sinks: list[Sink] = []
     try:
-        sink = _open_sink(settings, output_spec, fps, audio, stdout, resume_at=start)
+        sink = _open_sink(settings, output_spec, fps, audio, stdout, resume_at=start, times=times)
         sinks.append(sink)
-        tap_sinks = {stage: _open_sink(settings, spec, fps, audio, None) for stage, spec in taps.items()}
+        tap_sinks = {stage: _open_sink(settings, spec, fps, audio, None, times=times) for stage, spec in taps.items()}
         sinks.extend(tap_sinks.values())
         capacity = sum(s.capacity for s in stages) if stages else 1
         pipeline = Pipeline(stages, executor, capacity, tap_sinks)
@@ -349,6 +350,11 @@ def audio_for(settings: Settings, info: SourceInfo) -> Path | None:
     """The file whose sound a video output carries: the input's, unless frames were skipped."""
     subsampled = settings.extract_nth_frame != 1 and not settings.is_continue
     return info.path if info.has_audio and not subsampled else None
+
+
+def frame_times_for(settings: Settings, info: SourceInfo) -> list[Fraction] | None:
+    """The source's frame times a video output keeps (a variable rate), unless --output-frame-rate asks for a constant one."""
+    return info.frame_times if settings.output_frame_rate is None else None
 
 
 def _engines(
@@ -438,6 +444,7 @@ class PreparedRender:
     fps: Fraction  # of the output
     audio: Path | None  # the file whose sound a video output carries
     loras: list[dict]  # the LoRA files fused into the model (path, scale, sha256), for the settings file
+    times: list[Fraction] | None  # each frame's time in seconds at a variable rate, else None
 
 
 def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
@@ -450,7 +457,8 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
         info = source.info
         settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed))
     _engines(settings, model, denoiser, pick_device(settings.device), log)
-    return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras)
+    return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
+                          frame_times_for(settings, info))
 
 
 def _settle(settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver) -> tuple[Settings, Preparer]:
@@ -530,7 +538,8 @@ def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None, start: i
 
 
 def _open_sink(
-    settings: Settings, spec: str, fps: Fraction, audio: Path | None, stdout: BinaryIO | None, resume_at: int = 0
+    settings: Settings, spec: str, fps: Fraction, audio: Path | None, stdout: BinaryIO | None, resume_at: int = 0,
+    times: list[Fraction] | None = None,
 ) -> Sink:
     return open_sink(
         spec,
@@ -542,4 +551,5 @@ def _open_sink(
         output_format=settings.output_format,
         stdout=stdout,
         resume_at=resume_at,
+        times=times,
     )

@@ -112,7 +112,7 @@ def render_segments(
             progress.log(f"vlrt: resuming: {len(plan) - len(todo)} of {len(plan)} segments are finished")
         calls = _run(ray, options, settings, input_spec, output_spec, prepared.fps, todo, progress)
     if not is_folder_output(output_spec):
-        join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio)
+        join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio, prepared.times)
     write_settings(settings, input_spec, output_spec, prepared.frames, prepared.loras)
     seconds = time.perf_counter() - started
     progress.log(f"vlrt: wrote {prepared.frames} frames to {output_spec} in {seconds:.1f} s ({len(plan)} segments)")
