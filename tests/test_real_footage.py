@@ -413,3 +413,74 @@ def test_animation_of_unequal_durations_keeps_them_in_a_video_output(tmp_path, c
     with av.open(str(tmp_path / "out.mkv")) as container:
         stamps = [f.time for f in container.decode(video=0)]
     assert stamps == pytest.approx([sum(durations[:i]) / 1000 for i in range(6)], abs=0.002)
+
+
+# 2.8 --------------------------------------------------------------------------------------------
+
+# BT.709 linear RGB to BT.2020 linear RGB (ITU-R BT.2087, 2.2).
+_709_TO_2020 = np.array([[0.6274, 0.3293, 0.0433], [0.0691, 0.9195, 0.0114], [0.0164, 0.0880, 0.8956]])
+
+
+def _pq_signal(nits: np.ndarray) -> np.ndarray:
+    """SMPTE ST 2084 inverse EOTF: cd/m² to the PQ signal 0..1."""
+    m1, m2 = 2610 / 16384, 2523 / 4096 * 128
+    c1, c2, c3 = 3424 / 4096, 2413 / 4096 * 32, 2392 / 4096 * 32
+    y = np.clip(nits / 10000, 0, 1) ** m1
+    return ((c1 + c2 * y) / (1 + c3 * y)) ** m2
+
+
+def _hlg_signal_of_grey(nits: np.ndarray) -> np.ndarray:
+    """BT.2100 HLG signal of an achromatic display light on a 1000 cd/m² display (system gamma 1.2)."""
+    scene = (nits / 1000) ** (1 / 1.2)
+    a = 0.17883277
+    b, c = 1 - 4 * a, 0.5 - a * np.log(4 * a)
+    return np.where(scene <= 1 / 12, np.sqrt(3 * scene), a * np.log(np.maximum(12 * scene - b, 1e-9)) + c)
+
+
+def _hdr_clip(path: Path, transfer: int, light_709: np.ndarray) -> Path:
+    """Two 10-bit 4:4:4 frames of display light `light_709` (cd/m², BT.709 primaries), coded in BT.2020."""
+    if transfer == 16:
+        signal = _pq_signal(light_709 @ _709_TO_2020.T)
+    else:
+        signal = _hlg_signal_of_grey(light_709)  # grey patches only: R = G = B
+    picture = av.VideoFrame.from_ndarray(np.round(signal * 65535).astype(np.uint16), format="rgb48le")
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx265", rate=24, options={"x265-params": "lossless=1:log-level=error"})
+        stream.width, stream.height, stream.pix_fmt = light_709.shape[1], light_709.shape[0], "yuv444p10le"
+        context = stream.codec_context
+        context.color_primaries, context.color_trc, context.colorspace, context.color_range = 9, transfer, 9, 1
+        for i in range(2):
+            coded = picture.reformat(format="yuv444p10le", dst_colorspace="BT2020", dst_color_range="MPEG")
+            coded.pts, coded.color_primaries, coded.color_trc, coded.colorspace = i, 9, transfer, 9
+            out.mux(stream.encode(coded))
+        out.mux(stream.encode(None))
+    return path
+
+
+def _sdr(relative: float) -> float:
+    """8-bit BT.709 SDR of light `relative` to reference white, below the tone curve's knee: gamma 2.4 (BT.1886)."""
+    return 255 * relative ** (1 / 2.4)
+
+
+@pytest.mark.parametrize("transfer", [16, 18], ids=["PQ", "HLG"])
+def test_hdr_is_tone_mapped_to_bt709_sdr_and_says_so(tmp_path, caplog, transfer):
+    patches = [5.0, 20.0, 40.0, 203.0, 1000.0]  # cd/m²; 203 is HDR reference white (BT.2408)
+    light = np.zeros((16, 16 * len(patches), 3))
+    for i, nits in enumerate(patches):
+        light[:, 16 * i : 16 * (i + 1)] = nits
+    if transfer == 16:
+        light = np.concatenate([light, np.zeros((16, light.shape[1], 3))])
+        light[16:, :16] = (40.0, 0, 0)  # a BT.709 red
+    path = _hdr_clip(tmp_path / "hdr.mkv", transfer, light)
+    with caplog.at_level(logging.INFO, logger="vlrt"), open_source(str(path)) as source:
+        picture = next(iter(source)).image.astype(float)
+    assert "tone-mapped to BT.709 SDR" in caplog.text and ("PQ" if transfer == 16 else "HLG") in caplog.text
+    grey = [picture[4:12, 16 * i + 4 : 16 * i + 12].mean(axis=(0, 1)) for i in range(len(patches))]
+    for value in grey:
+        assert np.ptp(value) <= 2  # grey stays grey
+    for nits, value in zip(patches[:3], grey[:3]):  # below the knee the curve is linear: gamma 2.4 only
+        assert value.mean() == pytest.approx(_sdr(nits / 203), abs=3)
+    assert grey[2].mean() < grey[3].mean() < grey[4].mean() and grey[4].mean() >= 250
+    if transfer == 16:
+        red = picture[20:28, 4:12].mean(axis=(0, 1))
+        assert red[0] == pytest.approx(_sdr(40 / 203), abs=4) and red[1] < 6 and red[2] < 6

@@ -23,6 +23,7 @@ import av
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
 from vlrt.io import rawvideo
+from vlrt.io.hdr import NAMES, PEAK, REFERENCE_WHITE, ToneMapper, hdr_transfer
 from vlrt.io.images import animation_durations, animation_frames, is_image_file, list_images, read_image
 from vlrt.io.pipes import PipeReader
 from vlrt.io.seek import count_video_frames, frames_from, variable_frame_times
@@ -203,12 +204,12 @@ def _image_source(path: Path, max_frames: int | None, fps: Fraction | None, star
 
 
 def _video_frames(
-    decoded: Iterator[av.VideoFrame], nth: int, limit: int | None, start: int, sar: Fraction
+    decoded: Iterator[av.VideoFrame], nth: int, limit: int | None, start: int, sar: Fraction, tone_map: ToneMapper | None
 ) -> Iterator[Frame]:
-    """Frames `start`, … from `decoded`, which begins at decoded frame `start × nth`, in square pixels."""
+    """Frames `start`, … from `decoded`, which begins at decoded frame `start × nth`, in square pixels (and SDR)."""
     try:
         for index, frame in _pick(decoded, nth, limit, start):
-            image, alpha = to_arrays(frame, sar)
+            image, alpha = to_arrays(frame, sar, tone_map)
             yield Frame(index, image, alpha, _default_name(index), {"time": frame.time})
     finally:
         decoded.close()
@@ -233,6 +234,10 @@ def _video_source(
     has_audio = bool(container.streams.audio)
     rate = fps or video_fps(stream)
     sar = sample_aspect_ratio(stream)
+    transfer = hdr_transfer(stream)
+    if transfer is not None:
+        log.info(f"{label} is HDR ({NAMES[transfer]}, BT.2020): tone-mapped to BT.709 SDR (reference white "
+                 f"{REFERENCE_WHITE:g} cd/m² to SDR white, highlights rolled off up to {PEAK:g} cd/m²)")
     announced = estimate_frame_count(container, stream)
     times = None
     if fps is None and path is not None and stream.average_rate != stream.base_rate:  # the rate may vary: check the packets
@@ -265,7 +270,7 @@ def _video_source(
 
     return _start(
         info,
-        _video_frames(decoded, nth, limit, start, sar),
+        _video_frames(decoded, nth, limit, start, sar, None if transfer is None else ToneMapper(transfer)),
         f"{label} decoded to zero frames: check that the video is complete and plays",
         start,
     )

@@ -13,6 +13,7 @@ import numpy as np
 
 from vlrt.errors import VlrtError
 from vlrt.io.av_errors import reason
+from vlrt.io.hdr import ToneMapper
 
 # Probe only what the stream headers say, so a live producer is not waited on; the first
 # decoded frame gives the size anyway. (analyzeduration 0 would mean "the default".)
@@ -102,11 +103,16 @@ def display_size(width: int, height: int, sar: Fraction) -> tuple[int, int]:
     return width, height
 
 
-def to_arrays(frame: av.VideoFrame, sar: Fraction = Fraction(1)) -> tuple[np.ndarray, np.ndarray | None]:
+def to_arrays(
+    frame: av.VideoFrame, sar: Fraction = Fraction(1), tone_map: ToneMapper | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
     """RGB uint8 (and alpha when the stream has it), in square pixels at the display aspect
-    (anamorphic video, `sar` ≠ 1, is scaled by FFmpeg's swscale), turned upright per the display matrix."""
+    (anamorphic video, `sar` ≠ 1, is scaled by FFmpeg's swscale), turned upright per the display
+    matrix; HDR frames go through `tone_map` to BT.709 SDR (`vlrt.io.hdr`)."""
     width, height = display_size(frame.width, frame.height, sar)
-    if _has_alpha(frame):
+    if tone_map is not None:
+        rgb, alpha = tone_map(frame, width, height), None
+    elif _has_alpha(frame):
         rgba = frame.to_ndarray(format="rgba", width=width, height=height, interpolation="BICUBIC")
         rgb, alpha = rgba[..., :3], rgba[..., 3]
     else:
