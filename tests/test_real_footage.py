@@ -12,6 +12,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 from vlrt.cli import main
 from vlrt.io.sources import open_source
@@ -484,3 +485,46 @@ def test_hdr_is_tone_mapped_to_bt709_sdr_and_says_so(tmp_path, caplog, transfer)
     if transfer == 16:
         red = picture[20:28, 4:12].mean(axis=(0, 1))
         assert red[0] == pytest.approx(_sdr(40 / 203), abs=4) and red[1] < 6 and red[2] < 6
+
+
+# 2.4 --------------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_counts_ort_attention_over_the_demo_vaes_positions(demo_model):
+    """The demo VAE (scale factor 2) attends over every latent position in its middle block: at
+    320×180, 160×90 = 14400 positions, 14400² scores and their softmax per row, 4 bytes each."""
+    from vlrt.render.memory import estimate_bytes
+
+    weights = sum(p.numel() for m in (demo_model.unet, demo_model.vae, demo_model.text_encoder) for p in m.parameters()) * 4
+    assert estimate_bytes(demo_model, 320, 180, 8, "ort", 4) == weights + 8 * 14400**2 * 4 * 2
+    assert estimate_bytes(demo_model, 320, 180, 8, "torch", 4) < 1024**3  # blockwise attention: no N² scores
+
+
+def test_a_size_the_memory_cannot_hold_is_refused_with_one_that_fits(demo_model):
+    from vlrt.errors import VlrtError
+    from vlrt.render.memory import fit_render_size
+
+    common = dict(rows=8, backend="ort", precision="fp32", device=torch.device("cpu"), log=print)
+    available = 1024**3  # less than one row of 320×180 needs (14400² scores and softmax: 1.7 GB)
+    with pytest.raises(VlrtError) as refused:
+        fit_render_size(demo_model, 320, 180, sized_by_user=True, available=available, **common)
+    message = str(refused.value)
+    assert "rendering 320×180" in message and "1.0 GB are available" in message
+    w, h = (int(v) for v in message.split("render at most ")[1].split(" ")[0].split("×"))
+    assert w < 320 and h < 180 and abs(w / h - 16 / 9) < 0.1
+    assert fit_render_size(demo_model, w, h, sized_by_user=True, available=available, **common) == (w, h)
+    with pytest.raises(VlrtError, match=r"lower --max-batch \(1 fits\)"):
+        fit_render_size(demo_model, 200, 112, sized_by_user=True, available=1024**3, **common)
+
+
+def test_the_demo_model_shrinks_a_large_clip_it_was_not_sized_for_and_says_so(tmp_path, capsys):
+    clip = write_video(tmp_path / "phone.mp4", moving_frames(2, (640, 360)))
+    out = tmp_path / "out.mp4"
+    code = main(["render", str(clip), "-o", str(out), "--model", "demo", "--backend", "ort", "--loop-n", "1", "--steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    line = [text for text in err.splitlines() if "the demo model renders 640×360 input at" in text]
+    assert len(line) == 1
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert stream.width < 640 and abs(stream.width / stream.height - 16 / 9) < 0.1

@@ -33,7 +33,8 @@ from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.model.loading import Model, ModelOptions, load_model
 from vlrt.model.prompt_syntax import split_lora_tags
 from vlrt.model.samplers import check_sampler
-from vlrt.render.engine_picker import default_engines_dir, open_engines
+from vlrt.render.engine_picker import default_engines_dir, open_engines, precision_for, resolve_backend
+from vlrt.render.memory import fit_render_size
 from vlrt.render.prepare import Preparer
 from vlrt.render.preview import PreviewCollector
 from vlrt.render.progress import Progress
@@ -237,7 +238,7 @@ def render(
         check_same_loras(output_spec, model.loras)
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
-        settings, prepare = _settle(settings, source.info, model, resolver)
+        settings, prepare = _settle(settings, source.info, model, resolver, progress.log)
         executor = Executor(_engines(settings, model, denoiser, device, progress.log))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
@@ -421,7 +422,7 @@ def render_span(
     reach = pipeline_reach(settings)
     first = max(0, start - reach)
     with _open_source(settings, input_spec, None, start=first) as source:
-        settings, prepare = _settle(settings, source.info, model, resolver)
+        settings, prepare = _settle(settings, source.info, model, resolver, engine_log or progress.log)
         executor = Executor(_engines(settings, model, denoiser, device, engine_log or progress.log))
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
@@ -455,16 +456,26 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     denoiser = _denoiser_with_notes(settings, model, log)
     with _open_source(settings, input_spec, None, exact_count=True) as source:
         info = source.info
-        settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed))
+        settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed), log)
     _engines(settings, model, denoiser, pick_device(settings.device), log)
     return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
                           frame_times_for(settings, info))
 
 
-def _settle(settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver) -> tuple[Settings, Preparer]:
-    """The render size made concrete, the schedules tried at the first frame and the prepare step
-    built, so that a bad size, schedule, mask or reference folder fails before any work."""
+def _settle(
+    settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver, log: Callable[[str], None]
+) -> tuple[Settings, Preparer]:
+    """The render size made concrete (and checked against memory), the schedules tried at the first
+    frame and the prepare step built, so that a bad size, schedule, mask or reference folder fails
+    before any work."""
     width, height = frame_size(settings, info.width, info.height, model.vae_scale_factor)
+    device = pick_device(settings.device)
+    backend = resolve_backend(settings.backend, device)
+    width, height = fit_render_size(
+        model, width, height, sized_by_user=settings.width is not None or settings.height is not None,
+        rows=settings.max_batch, backend=backend, precision=precision_for(backend, device, settings.precision),
+        device=device, log=log,
+    )
     settings = replace(settings, width=width, height=height)
     resolver.check_all_first()
     return settings, Preparer(settings, info, width, height)
