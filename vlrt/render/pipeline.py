@@ -28,6 +28,7 @@ from vlrt.executor.executor import Executor
 from vlrt.frames import Frame
 from vlrt.image.color import FIRST
 from vlrt.image.resize import resize_frame
+from vlrt.image.scene_cuts import parse_cut_list
 from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.model.loading import Model, ModelOptions, load_model
@@ -248,7 +249,7 @@ def render(
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
         write_settings(settings, input_spec, output_spec, None, model.loras)
         written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
-    write_settings(settings, input_spec, output_spec, written, model.loras)
+    write_settings(settings, input_spec, output_spec, written, model.loras, prepare.shots.cuts)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -427,8 +428,10 @@ def render_span(
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
         frames = takewhile(lambda f: f.index < stop + reach, iter(source))
-        if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need frame 0
-            frames = chain([_first_frame(settings, input_spec)], frames)
+        if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need its shot's first frame
+            shot = max((c for c in parse_cut_list(settings.scene_cuts) or () if c <= first), default=0)
+            if shot < first:
+                frames = chain([_frame_at(settings, input_spec, shot)], frames)
         frames = prepare.frames(frames, first)
         Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
             frames, _Collect(settings.loop_n, on_frame), progress, lambda frame: None, start, stop
@@ -481,9 +484,9 @@ def _settle(
     return settings, Preparer(settings, info, width, height)
 
 
-def _first_frame(settings: Settings, input_spec: str) -> Frame:
-    """The input's frame 0 (a span that starts later needs it as the colour anchor)."""
-    with _open_source(settings, input_spec, None) as source:
+def _frame_at(settings: Settings, input_spec: str, index: int) -> Frame:
+    """The input's frame `index` (a span that starts later needs its shot's first frame as the colour anchor)."""
+    with _open_source(settings, input_spec, None, start=index) as source:
         return next(iter(source))
 
 

@@ -71,10 +71,12 @@ def check_outputs(
 
 
 def write_settings(
-    settings: Settings, input_spec: str, output_spec: str, frames: int | None, loras: list[dict[str, Any]] | None = None
+    settings: Settings, input_spec: str, output_spec: str, frames: int | None, loras: list[dict[str, Any]] | None = None,
+    cuts: list[int] | None = None,
 ) -> None:
     """Record the run (atomically); `frames` None means the render is still under way. `loras`
-    (path, scale, sha256 of each file) says which LoRA files exactly the frames were made with."""
+    (path, scale, sha256 of each file) says which LoRA files exactly the frames were made with;
+    `cuts` the scene cuts the render used (the first frame of each new shot)."""
     path = settings_path(output_spec)
     if path is None:
         return
@@ -84,6 +86,8 @@ def write_settings(
         extra["frames"] = frames
     if loras:
         extra["lora"] = loras
+    if cuts:
+        extra["scene_cuts"] = sorted(cuts)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
     tmp.replace(path)

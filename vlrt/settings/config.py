@@ -115,6 +115,11 @@ class Settings:
         "8-bit rounding of blends: 'round' (exact means) or 'floor' (the extension's Pillow arithmetic, bit for bit)",
         choices=BLEND_ROUNDINGS,
     )
+    scene_cuts: str = _f(
+        "none", "'auto' detects scene cuts (PySceneDetect's content detector), or the first frame of each new shot "
+        "('12,240,1031'); 'none' blends across cuts as the extension does",
+    )
+    scene_cut_threshold: float = _f(27.0, "content change that makes a cut with scene_cuts auto (PySceneDetect's default)")
     deinterlace: str = _f(
         "auto", "interlaced video: 'auto' deinterlaces it (FFmpeg's bwdif, one frame per frame), 'off' keeps its fields",
         choices=DEINTERLACE_MODES,
