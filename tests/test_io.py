@@ -255,6 +255,34 @@ def test_redirected_file_on_stdin_may_be_a_plain_mp4(tmp_path, pictures):
         assert len(list(source)) == 4
 
 
+def test_plain_mp4_on_a_pipe_says_how_to_feed_it(tmp_path):
+    """A normal mp4 (index after the pictures) larger than FFmpeg's read buffer: no "corrupt", but
+    how to feed it; the same bytes redirected from the file (seekable) decode whole."""
+    rng = np.random.default_rng(3)
+    noise = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(12)]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=FPS, options={"qp": "0"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        for picture in noise:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+    data = buffer.getvalue()
+    assert len(data) > 6 * 32768 and data.index(b"mdat") < data.index(b"moov")  # past the 32 KiB read buffer
+    stdin, writer = feed_pipe(data, chunk=65536)
+    with pytest.raises(VlrtError) as caught:
+        list(open_source("-", stdin=stdin))
+    message = str(caught.value)
+    assert "corrupt" not in message and "\n" not in message
+    for words in ("plain mp4", "cannot stream", "< file.mp4", "-movflags +faststart", "-f nut"):
+        assert words in message
+    stdin.close()
+    path = tmp_path / "plain.mp4"
+    path.write_bytes(data)
+    with path.open("rb") as redirected:
+        assert len(list(open_source("-", stdin=redirected))) == 12
+
+
 def test_terminal_on_stdin_is_refused():
     leader, follower = os.openpty()
     try:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from vlrt.cli import build_parser
 
@@ -67,3 +74,23 @@ def test_every_setting_is_in_the_readme_parameter_table():
 
     table = "\n".join(line for line in README.splitlines() if line.startswith("| `"))
     assert [f.name for f in fields(Settings) if f"`{f.name}`" not in table] == []
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="needs the ffmpeg and ffprobe programs (.ci/run installs them)")
+def test_readme_pipe_example_runs_as_written_and_makes_a_playable_mp4(tmp_path):
+    """The README's pipe line through the shell as written, only the model swapped for the demo
+    with one short pass: ffprobe must find 4 frames of yuv420p H.264 (High profile, which every
+    player decodes), not the High 4:4:4 that an RGB stream becomes without -pix_fmt."""
+    (line,) = [text for text in README.splitlines() if text.startswith("ffmpeg -i cam.mkv")]
+    command = line.replace("--model ./sd15", "--model demo --loop-n 1 --steps 2")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc2=size=64x48:rate=24", "-frames:v", "4",
+                    "cam.mkv"], cwd=tmp_path, check=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, check=True, env=env, capture_output=True)
+    probe = subprocess.run(
+        ["ffprobe", "-v", "error", "-count_frames", "-select_streams", "v:0", "-show_entries",
+         "stream=codec_name,profile,pix_fmt,nb_read_frames", "-of", "json", "out.mp4"],
+        cwd=tmp_path, check=True, capture_output=True, text=True,
+    )
+    (stream,) = json.loads(probe.stdout)["streams"]
+    assert (stream["codec_name"], stream["pix_fmt"], stream["profile"], stream["nb_read_frames"]) == ("h264", "yuv420p", "High", "4")

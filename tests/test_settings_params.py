@@ -116,3 +116,14 @@ def test_every_preset_is_valid_and_its_schedules_compile():
         settings = build_settings(load_config(path))
         params = ParamResolver(settings, 1, 1)(0, settings.loop_n - 1)
         assert params.steps >= 1 and 0 <= params.denoising_strength <= 1
+
+
+def test_a_number_from_batch_count_schedule_pairs_with_the_configured_batch_size():
+    """vlrt's documented difference: after a pair (n_iter, batch_size) for an earlier frame or pass, a
+    plain number is n_iter with the configured batch_size, not the last batch_size given (the
+    extension's, which depends on the order frames and passes are processed)."""
+    s = build_settings(overrides=dict(loop_n=2, batch_size=2, batch_count_schedule="(3, 4) if loop_i == 1 else 1"))
+    r = ParamResolver(s, 1, 1)
+    first, second = r(0, 0), r(0, 1)
+    assert (first.n_iter, first.batch_size) == (3, 4)
+    assert (second.n_iter, second.batch_size) == (1, 2)

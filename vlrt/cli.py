@@ -73,6 +73,9 @@ def _render(args: argparse.Namespace) -> int:
     if args.report and args.output == "-":
         raise VlrtError("--report needs a file or folder output to read back; drop --report when writing to a pipe")
     settings = settings_from_args(args)
+    from vlrt.render.run_state import check_outputs
+
+    check_outputs(settings, args.input, args.output, preview=args.preview, no_overwrite=args.no_overwrite, resume=args.resume)
     if args.segments is not None:
         from vlrt.render.pipeline import preview_from_output
         from vlrt.scale.distributed import render_segments
@@ -107,6 +110,9 @@ def _preview(args: argparse.Namespace) -> int:
     from vlrt.settings.config import build_settings as check
 
     settings = settings_from_args(args)
+    from vlrt.io.output_guard import refuse_overwriting_sources
+
+    refuse_overwriting_sources([(args.output, False)], [("input", args.input)])
     try:
         frames = [int(f) for f in args.frames.split(",") if f.strip()]
     except ValueError:
@@ -165,6 +171,9 @@ def _denoise(args: argparse.Namespace) -> int:
             "video_post_process_alpha": args.alpha,
         },
     )
+    from vlrt.render.run_state import check_outputs
+
+    check_outputs(settings, args.input, args.output, no_overwrite=args.no_overwrite)
     denoise(settings, args.input, args.output, quiet=args.quiet)
     return 0
 
@@ -210,6 +219,7 @@ def _log(args: argparse.Namespace):
     return (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
 
 
+NO_OVERWRITE_HELP = "refuse (before any work) when an output file exists already, instead of replacing it"
 EXPORT_COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "fastdvdnet")
 # Settings applied when the model is loaded (see pipeline.open_model), which a preview does once.
 MODEL_SETTINGS = ("model", "model_config", "prediction_type", "vae", "lora", "lora_dir", "clip_skip")
@@ -230,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also measure the output's flicker against the input (writes <output>.flicker.png/.json)")
     render.add_argument("--resume", action="store_true",
                         help="continue an interrupted render of the same output with the same settings")
+    render.add_argument("-n", "--no-overwrite", action="store_true", help=NO_OVERWRITE_HELP)
     scale = render.add_argument_group("segment-parallel rendering on Ray (needs pip install 'vlrt[ray]'; the same frames)")
     scale.add_argument("--segments", type=int, metavar="N",
                        help="split the input into N contiguous segments, each rendered by its own Ray task")
@@ -268,12 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--sigma", type=float, default=20.0, help="noise level of the input on the 0-255 scale (trained for 5-55; default 20)")
     den.add_argument("--alpha", type=float, default=1.0, help="weight of the denoised frame over the input (default 1: denoised only)")
     den.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
+    den.add_argument("-n", "--no-overwrite", action="store_true", help=NO_OVERWRITE_HELP)
     add_settings_arguments(den, IO_SETTINGS)
     den.set_defaults(run=_denoise)
 
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
     bench.add_argument("sections", nargs="*",
-                       help="throughput, memory, fastdvdnet, soak, color, segments, occupancy (default: the first three)")
+                       help="throughput, memory, fastdvdnet, soak, color, segments, demo1080, occupancy (default: the first three)")
     bench.add_argument("--profile", default="h100", choices=("h100", "rtx4090"),
                        help="occupancy: the modelled GPU's engine times (default h100)")
     bench.add_argument("--json", action="store_true", help="occupancy: print one JSON object per case instead of a table")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,42 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise VlrtError(
             f"image '{path}' cannot be read ({why}): replace or remove that file, or re-export the frames"
         ) from exc
+
+
+# Browsers show a GIF frame of 0–10 ms for 100 ms (many GIFs rely on it); so does vlrt, for every animation.
+_SHORTEST_FRAME_MS = 10
+_BROWSER_FRAME_MS = 100
+
+
+def animation_durations(path: Path) -> list[float] | None:
+    """Each frame's duration in seconds when `path` is an animated picture (GIF, APNG, WebP), else None."""
+    try:
+        with Image.open(path) as opened:
+            if not getattr(opened, "is_animated", False) or opened.n_frames < 2:
+                return None
+            durations = []
+            for number in range(opened.n_frames):
+                opened.seek(number)
+                opened.load()  # WebP sets a frame's duration only when it is decoded
+                ms = opened.info.get("duration") or 0
+                durations.append((ms if ms > _SHORTEST_FRAME_MS else _BROWSER_FRAME_MS) / 1000)
+            return durations
+    except (UnidentifiedImageError, *_READ_ERRORS):
+        return None  # read_image says what is wrong with it
+
+
+def animation_frames(path: Path, first: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The frames of an animated picture from number `first`, composed as shown; every frame has
+    an alpha channel when the first one has, so the stream keeps one form."""
+    try:
+        with Image.open(path) as opened:
+            opened.seek(0)
+            keep_alpha = _to_arrays(opened)[1] is not None
+            for number in range(first, opened.n_frames):
+                opened.seek(number)
+                yield _to_arrays(opened.convert("RGBA" if keep_alpha else "RGB"))
+    except _READ_ERRORS as exc:
+        raise VlrtError(f"animation '{path}' cannot be read ({exc}): re-export it, or convert it to a video") from exc
 
 
 def write_png(path: Path, image: np.ndarray, alpha: np.ndarray | None = None) -> None:

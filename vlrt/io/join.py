@@ -27,7 +27,7 @@ from pathlib import Path
 import av
 
 from vlrt.errors import VlrtError
-from vlrt.io.audio import AudioPassthrough, carry_audio
+from vlrt.io.audio import Soundtracks, carry_audio
 from vlrt.io.av_errors import reason
 from vlrt.io.parts import Part
 
@@ -51,6 +51,17 @@ def _display_order(part: Part, fps: Fraction, header: tuple, label: str) -> list
     return order
 
 
+def _timeline(fps: Fraction, times: list[Fraction] | None, count: int) -> tuple[Fraction, list[int]]:
+    """The video's time base and the timestamp of each of `count` frames, plus the end's: one tick per
+    frame at `fps`, or each frame at its time in `times` (a variable rate) in 1/90000 s ticks."""
+    if times is None or len(times) < count:
+        return 1 / Fraction(fps), list(range(count + 1))
+    tick = Fraction(1, 90_000)
+    stamps = [round(t / tick) for t in times[:count]]
+    last = stamps[-1] - stamps[-2] if count > 1 else round(1 / Fraction(fps) / tick)
+    return tick, [*stamps, stamps[-1] + last]
+
+
 def join_parts(
     parts: list[Part],
     target: Path,
@@ -60,18 +71,20 @@ def join_parts(
     audio_from: Path | None,
     options: dict[str, str],
     label: str,
+    times: list[Fraction] | None = None,
 ) -> None:
-    """Write `parts` (frames 0, 1, … in order) into `target` as one `muxer` file, with the sound of `audio_from`."""
+    """Write `parts` (frames 0, 1, … in order) into `target` as one `muxer` file, with the sound of
+    `audio_from`; frame k is shown at `times[k]` seconds when given (variable rate), else at k / fps."""
     with av.open(str(parts[0].path)) as first:
         header = _header(first.streams.video[0])
     orders = [_display_order(part, fps, header, label) for part in parts]
     delay = max(i - shown for order in orders for i, shown in enumerate(order))
-    tick = 1 / Fraction(fps)
+    tick, stamps = _timeline(fps, times, sum(part.frames for part in parts))
     try:
         output = av.open(str(target), "w", format=muxer, container_options=options)
     except (av.error.FFmpegError, OSError) as exc:
         raise VlrtError(f"cannot write output {label} ({reason(exc)}): check the folder is writable") from exc
-    audio: AudioPassthrough | None = None
+    audio: Soundtracks | None = None
     try:
         with av.open(str(parts[0].path)) as first:
             video = output.add_stream_from_template(first.streams.video[0])
@@ -83,14 +96,18 @@ def join_parts(
             with av.open(str(part.path)) as source:
                 packets = (packet for packet in source.demux(source.streams.video[0]) if packet.size)
                 for packet, shown in zip(packets, order):
+                    index = part.first + shown
                     packet.stream, packet.time_base = video, tick
-                    packet.pts, packet.dts, packet.duration = part.first + shown, decoded - delay, 1
+                    # Decode times trail the display times by the largest reordering, so they rise and never pass them.
+                    behind = decoded - delay
+                    packet.dts = stamps[behind] if behind >= 0 else stamps[0] + behind
+                    packet.pts, packet.duration = stamps[index], stamps[index + 1] - stamps[index]
                     output.mux(packet)
                     decoded += 1
                     if audio is not None:
-                        audio.feed_until(float(decoded * tick))
+                        audio.feed_until(float(stamps[decoded] * tick))
         if audio is not None:
-            audio.finish(float(decoded * tick))
+            audio.finish(float(stamps[decoded] * tick))
         output.close()
     except av.error.FFmpegError as exc:
         raise VlrtError(

@@ -15,6 +15,7 @@ the first k frames are dropped, which is slow but always right.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from fractions import Fraction
 from itertools import islice
 
 import av
@@ -36,6 +37,22 @@ def frame_times(path: str, label: str, format: str | None = None) -> list[int] |
     if any(t is None for t in times) or len(set(times)) != len(times):
         return None
     return sorted(times)
+
+
+def variable_frame_times(
+    path: str, label: str, format: str | None, time_base: Fraction, start_time: int | None
+) -> list[Fraction] | None:
+    """Each frame's time in seconds from the video stream's start when the steps between frames vary
+    (phones, screen recorders), None when they are all equal within a tick or the timestamps cannot
+    number the frames."""
+    times = frame_times(path, label, format)
+    if times is None or len(times) < 3:
+        return None
+    steps = [b - a for a, b in zip(times, times[1:])]
+    if max(steps) - min(steps) <= 1:
+        return None
+    origin = times[0] if start_time is None else start_time
+    return [(t - origin) * time_base for t in times]
 
 
 def count_video_frames(path: str, label: str, format: str | None = None) -> int:

@@ -24,7 +24,7 @@ from typing import BinaryIO
 
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
-from vlrt.io.encoding import file_muxer, pipe_muxer
+from vlrt.io.encoding import choose_encoding, file_muxer, pipe_muxer
 from vlrt.io.images import write_png
 from vlrt.io.join import join_parts
 from vlrt.io.parts import Part, PartWriter, commit, part_encoders, parts_folder, tidy_parts
@@ -150,8 +150,12 @@ class VideoFileSink(Sink):
     starts afresh. A kill at any moment leaves no file at `path`, only whole parts.
     """
 
-    def __init__(self, path: Path, encoder_args: dict, audio_from: Path | None, resume_at: int = 0) -> None:
+    def __init__(
+        self, path: Path, encoder_args: dict, audio_from: Path | None, resume_at: int = 0,
+        times: list[Fraction] | None = None,
+    ) -> None:
         self._muxer = file_muxer(path)
+        self._times = times
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -179,20 +183,23 @@ class VideoFileSink(Sink):
                 f"the parts of output {self._label} changed while it was rendered (another render of the same "
                 "output?): render again without --resume"
             )
-        join_video(parts, self.path, self._fps, self._audio_from)
+        join_video(parts, self.path, self._fps, self._audio_from, self._times)
 
     def _discard(self) -> None:
         self._parts.discard()
 
 
-def join_video(parts: list[Part], path: Path, fps: Fraction, audio_from: Path | None) -> None:
+def join_video(
+    parts: list[Part], path: Path, fps: Fraction, audio_from: Path | None, times: list[Fraction] | None = None
+) -> None:
     """Join whole parts (frames 0, 1, … in order) into video file `path` with the sound of `audio_from`,
-    without re-encoding; then remove the parts folder. Nothing is left at `path` on failure."""
+    without re-encoding, each frame at its time in `times` when given (a variable rate); then remove
+    the parts folder. Nothing is left at `path` on failure."""
     muxer, label, folder = file_muxer(path), f"'{path}'", parts_folder(path)
     joined = folder / f"{path.name}.tmp"
     options = {"movflags": "+faststart"} if muxer in ("mp4", "mov") else {}
     try:
-        join_parts(parts, joined, muxer=muxer, fps=fps, audio_from=audio_from, options=options, label=label)
+        join_parts(parts, joined, muxer=muxer, fps=fps, audio_from=audio_from, options=options, label=label, times=times)
         commit(joined, path)
     except BaseException:
         joined.unlink(missing_ok=True)
@@ -275,6 +282,7 @@ def open_sink(
     stdout: BinaryIO | None = None,
     resume_at: int = 0,
     segment: tuple[int, int] | None = None,
+    times: list[Fraction] | None = None,
 ) -> Sink:
     """Open OUTPUT: a video file (format by extension), a folder for PNGs, or "-" for stdout.
 
@@ -285,7 +293,8 @@ def open_sink(
     `finished_frames` counts, and the first frame written is then frame `resume_at`. A folder
     resumes by itself (frames are files named by index). `segment` (start, stop) takes only
     those frames, for one task of a segment-parallel render: a folder gets them as PNGs, a video
-    file as a segment's parts (`SegmentSink`), joined later by `join_video`.
+    file as a segment's parts (`SegmentSink`), joined later by `join_video`. `times` (a video file
+    only) shows each frame at its source time, for a source of variable frame rate.
     """
     if not fps or fps <= 0:
         raise VlrtError(f"output frame rate must be positive, got {fps}: set output_frame_rate")
@@ -299,7 +308,19 @@ def open_sink(
         return PngFolderSink(Path(spec))
     if segment is not None:
         return SegmentSink(Path(spec), *segment, encoder_args)
-    return VideoFileSink(Path(spec), encoder_args, audio_from, resume_at)
+    return VideoFileSink(Path(spec), encoder_args, audio_from, resume_at, times)
+
+
+def check_output_spec(
+    spec: str, *, codec: str | None = None, crf: float = 17, lossless: bool = False, output_format: str | None = None
+) -> None:
+    """Fail on an output `open_sink` could not write (unknown extension or pipe format, a missing or
+    non-lossless encoder) before anything is loaded or written."""
+    if spec == "-":
+        if output_format != "rawvideo":
+            choose_encoding(pipe_muxer(output_format), pipe=True, codec=codec, lossless=lossless, crf=crf, alpha=False)
+    elif not _is_folder_spec(spec):
+        choose_encoding(file_muxer(Path(spec)), pipe=False, codec=codec, lossless=lossless, crf=crf, alpha=False)
 
 
 def finished_frames(path: Path) -> int:

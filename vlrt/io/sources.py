@@ -8,6 +8,7 @@ does not grow with the video's length and decoding overlaps inference.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -22,13 +23,23 @@ import av
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
 from vlrt.io import rawvideo
-from vlrt.io.images import is_image_file, list_images, read_image
+from vlrt.io.hdr import NAMES, PEAK, REFERENCE_WHITE, ToneMapper, hdr_transfer
+from vlrt.io.images import animation_durations, animation_frames, is_image_file, list_images, read_image
 from vlrt.io.pipes import PipeReader
-from vlrt.io.seek import count_video_frames, frames_from
+from vlrt.io.seek import count_video_frames, frames_from, variable_frame_times
 from vlrt.io.threads import Prefetched, prefetch
-from vlrt.io.video_in import decoded_frames, estimate_frame_count, open_video, to_arrays, video_fps
+from vlrt.io.video_in import (
+    decoded_frames,
+    deinterlaced,
+    estimate_frame_count,
+    open_video,
+    sample_aspect_ratio,
+    to_arrays,
+    video_fps,
+)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 PREFETCH_FRAMES = 8
 STDIN_LABEL = "standard input"
 
@@ -44,6 +55,9 @@ class SourceInfo:
     path: Path | None  # the input file, for audio passthrough; None for folders and stdin
     has_audio: bool
     kind: str  # "video" | "folder" | "image" | "stdin"
+    # Each kept frame's time in seconds when the source's frame rate varies (a video file, an
+    # animation of unequal durations); None at a constant rate. A video output keeps these times.
+    frame_times: list[Fraction] | None = None
 
 
 class Source:
@@ -91,6 +105,31 @@ def _count(total: int | None, nth: int, limit: int | None) -> int | None:
         return None
     kept = math.ceil(total / nth)
     return kept if limit is None else min(kept, limit)
+
+
+def _animation_source(
+    path: Path, durations: list[float], nth: int, limit: int | None, fps: Fraction | None, start: int
+) -> Source:
+    """An animated GIF, APNG or WebP as a video: each frame carries its start time. Equal durations
+    give the rate exactly; unequal ones the average rate (`input_fps` overrides both), and their
+    times go to `SourceInfo.frame_times`."""
+    starts = [sum(durations[:number]) for number in range(len(durations))]
+    varies = fps is None and len(set(durations)) > 1
+    if fps is None:
+        fps = (Fraction(1) / Fraction(durations[0]).limit_denominator(1000) if len(set(durations)) == 1
+               else Fraction(len(durations)) / Fraction(sum(durations)).limit_denominator(1000))
+
+    def frames() -> Iterator[Frame]:
+        pictures = animation_frames(path, start * nth)
+        for index, (image, alpha) in _pick(pictures, nth, limit, start):
+            yield Frame(index, image, alpha, _default_name(index), {"time": starts[index * nth]})
+
+    times = [Fraction(t).limit_denominator(1000) for t in starts[::nth][:limit]] if varies else None
+
+    def info(first: Frame) -> SourceInfo:
+        return SourceInfo(first.width, first.height, fps, _count(len(durations), nth, limit), None, False, "video", times)
+
+    return _start(info, frames(), start=start)
 
 
 def _default_name(index: int) -> str:
@@ -164,11 +203,13 @@ def _image_source(path: Path, max_frames: int | None, fps: Fraction | None, star
     return _start(info, frames(), start=start)
 
 
-def _video_frames(decoded: Iterator[av.VideoFrame], nth: int, limit: int | None, start: int) -> Iterator[Frame]:
-    """Frames `start`, … from `decoded`, which begins at decoded frame `start × nth`."""
+def _video_frames(
+    decoded: Iterator[av.VideoFrame], nth: int, limit: int | None, start: int, sar: Fraction, tone_map: ToneMapper | None
+) -> Iterator[Frame]:
+    """Frames `start`, … from `decoded`, which begins at decoded frame `start × nth`, in square pixels (and SDR)."""
     try:
         for index, frame in _pick(decoded, nth, limit, start):
-            image, alpha = to_arrays(frame)
+            image, alpha = to_arrays(frame, sar, tone_map)
             yield Frame(index, image, alpha, _default_name(index), {"time": frame.time})
     finally:
         decoded.close()
@@ -186,30 +227,50 @@ def _skipped(items: Iterator[T], count: int) -> Iterator[T]:
 
 def _video_source(
     file: Any, label: str, *, path: Path | None, kind: str, streaming: bool, nth: int, limit: int | None,
-    input_format: str | None, fps: Fraction | None, start: int, exact_count: bool,
+    input_format: str | None, fps: Fraction | None, start: int, exact_count: bool, deinterlace: bool,
 ) -> Source:
     container = open_video(file, label, format=input_format, streaming=streaming)
     stream = container.streams.video[0]
     has_audio = bool(container.streams.audio)
     rate = fps or video_fps(stream)
+    sar = sample_aspect_ratio(stream)
+    transfer = hdr_transfer(stream)
+    if transfer is not None:
+        log.info(f"{label} is HDR ({NAMES[transfer]}, BT.2020): tone-mapped to BT.709 SDR (reference white "
+                 f"{REFERENCE_WHITE:g} cd/m² to SDR white, highlights rolled off up to {PEAK:g} cd/m²)")
+    announced = estimate_frame_count(container, stream)
+    times = None
+    if fps is None and path is not None and stream.average_rate != stream.base_rate:  # the rate may vary: check the packets
+        times = variable_frame_times(str(path), label, input_format, stream.time_base, stream.start_time)
+        if times is not None:
+            times = list(islice(times[::nth], limit))
+            log.info(f"{label} has a variable frame rate: the output keeps each frame's time "
+                     "(--output-frame-rate gives a constant rate instead)")
     if streaming:
         total = None
     elif exact_count and path is not None:
         total = _count(count_video_frames(str(path), label, input_format), nth, limit)
     else:
-        total = _count(estimate_frame_count(container, stream), nth, limit)
+        total = _count(announced, nth, limit)
     if start and path is not None:
         container.close()  # a file seeks, in containers of its own
-        decoded = frames_from(str(path), label, start * nth, input_format)
+        # The deinterlacer looks one frame back: it starts a frame early, whose output is dropped.
+        lead = 1 if deinterlace else 0
+        decoded = frames_from(str(path), label, start * nth - lead, input_format)
+        if deinterlace:
+            decoded = _skipped(deinterlaced(decoded, label), lead)
     else:
-        decoded = _skipped(decoded_frames(container, label), start * nth)
+        decoded = decoded_frames(container, label, streaming, announced)
+        if deinterlace:
+            decoded = deinterlaced(decoded, label)
+        decoded = _skipped(decoded, start * nth)
 
     def info(first: Frame) -> SourceInfo:
-        return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind)
+        return SourceInfo(first.width, first.height, rate, total, path, has_audio, kind, times)
 
     return _start(
         info,
-        _video_frames(decoded, nth, limit, start),
+        _video_frames(decoded, nth, limit, start, sar, None if transfer is None else ToneMapper(transfer)),
         f"{label} decoded to zero frames: check that the video is complete and plays",
         start,
     )
@@ -254,7 +315,7 @@ def _raw_source(
 
 def _stdin_source(
     stdin: BinaryIO | None, *, nth: int, limit: int | None, input_format: str | None,
-    input_size: tuple[int, int] | None, fps: Fraction | None, start: int,
+    input_size: tuple[int, int] | None, fps: Fraction | None, start: int, deinterlace: bool,
 ) -> Source:
     stream = stdin if stdin is not None else sys.stdin.buffer
     isatty = getattr(stream, "isatty", None)
@@ -271,7 +332,7 @@ def _stdin_source(
     streaming = not (seekable is not None and seekable())
     return _video_source(
         PipeReader(stream) if streaming else stream, STDIN_LABEL, path=None, kind="stdin", streaming=streaming,
-        nth=nth, limit=limit, input_format=input_format, fps=fps, start=start, exact_count=False,
+        nth=nth, limit=limit, input_format=input_format, fps=fps, start=start, exact_count=False, deinterlace=deinterlace,
     )
 
 
@@ -287,6 +348,7 @@ def open_source(
     stdin: BinaryIO | None = None,
     start: int = 0,
     exact_count: bool = False,
+    deinterlace: bool = True,
 ) -> Source:
     """Open INPUT: a video file, a folder of images, one image, or "-" for standard input.
 
@@ -298,7 +360,8 @@ def open_source(
     file seeks to it frame-accurately (`vlrt.io.seek`), a folder or raw file goes straight to
     it, standard input reads and drops the frames before it. `info` still describes the whole input;
     its `frame_count` is exact except for a video file's, an estimate from the header unless
-    `exact_count` has the packets counted (a pass over the file without decoding).
+    `exact_count` has the packets counted (a pass over the file without decoding). Interlaced
+    video is deinterlaced unless `deinterlace` is False (`video_in.deinterlaced`).
     """
     nth = 1 if is_continue else extract_nth_frame
     if nth < 1:
@@ -310,7 +373,8 @@ def open_source(
         raise VlrtError("--input-size only applies to raw frames: add --input-format rawvideo or drop --input-size")
     if spec == "-":
         return _stdin_source(
-            stdin, nth=nth, limit=max_frames, input_format=input_format, input_size=input_size, fps=fps, start=start
+            stdin, nth=nth, limit=max_frames, input_format=input_format, input_size=input_size, fps=fps, start=start,
+            deinterlace=deinterlace,
         )
     path = Path(spec)
     if not path.exists():
@@ -322,8 +386,11 @@ def open_source(
             path, f"'{path}'", kind="video", size=input_size, nth=nth, limit=max_frames, fps=fps, start=start
         )
     if is_image_file(path):
+        durations = animation_durations(path)
+        if durations is not None:
+            return _animation_source(path, durations, nth, max_frames, fps, start)
         return _image_source(path, max_frames, fps, start)
     return _video_source(
         str(path), f"video '{path}'", path=path, kind="video", streaming=False, nth=nth, limit=max_frames,
-        input_format=input_format, fps=fps, start=start, exact_count=exact_count,
+        input_format=input_format, fps=fps, start=start, exact_count=exact_count, deinterlace=deinterlace,
     )

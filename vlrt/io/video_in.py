@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
+from itertools import chain
 from fractions import Fraction
 from typing import Any
 
@@ -11,10 +13,12 @@ import numpy as np
 
 from vlrt.errors import VlrtError
 from vlrt.io.av_errors import reason
+from vlrt.io.hdr import ToneMapper
 
 # Probe only what the stream headers say, so a live producer is not waited on; the first
 # decoded frame gives the size anyway. (analyzeduration 0 would mean "the default".)
 STREAM_PROBE_OPTIONS = {"probesize": "32", "analyzeduration": "1", "fpsprobesize": "0"}
+log = logging.getLogger(__name__)
 # Short names users type, mapped to FFmpeg's demuxer names.
 FORMAT_ALIASES = {"y4m": "yuv4mpegpipe", "mkv": "matroska", "ts": "mpegts"}
 
@@ -65,17 +69,54 @@ def estimate_frame_count(
     return None
 
 
+def warn_if_truncated(label: str, announced: int | None, decoded: int, fps: Fraction | None) -> None:
+    """Warn when a container's header announced more frames than the stream held (a file cut short
+    by an interrupted download or recording). Half a second of slack (at least 3 frames) absorbs a
+    sound track that outlasts the pictures. MPEG-TS announces no length, so a cut one looks complete."""
+    if not announced or not fps:
+        return
+    missing = announced - decoded
+    if missing >= max(3, round(fps / 2)):
+        log.warning(
+            f"warning: {label} announced {announced} frames ({float(announced / fps):.2f} s) but only {decoded} could be "
+            f"decoded ({float(decoded / fps):.2f} s): it looks truncated; the {decoded} frames are rendered"
+        )
+
+
 def _has_alpha(frame: av.VideoFrame) -> bool:
     return any(component.is_alpha for component in frame.format.components)
 
 
-def to_arrays(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray | None]:
-    """RGB uint8 (and alpha when the stream has it), turned upright per the display matrix."""
-    if _has_alpha(frame):
-        rgba = frame.to_ndarray(format="rgba")
+def sample_aspect_ratio(stream: av.video.stream.VideoStream) -> Fraction:
+    """The width of a stored pixel over its height as displayed (1 for square pixels)."""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    return Fraction(sar) if sar else Fraction(1)
+
+
+def display_size(width: int, height: int, sar: Fraction) -> tuple[int, int]:
+    """The square-pixel size that shows a `width`×`height` picture of pixel aspect `sar` as players
+    do: the stretched side grows, so no stored pixel is lost."""
+    if sar > 1:
+        return round(width * sar), height
+    if sar < 1:
+        return width, round(height / sar)
+    return width, height
+
+
+def to_arrays(
+    frame: av.VideoFrame, sar: Fraction = Fraction(1), tone_map: ToneMapper | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """RGB uint8 (and alpha when the stream has it), in square pixels at the display aspect
+    (anamorphic video, `sar` ≠ 1, is scaled by FFmpeg's swscale), turned upright per the display
+    matrix; HDR frames go through `tone_map` to BT.709 SDR (`vlrt.io.hdr`)."""
+    width, height = display_size(frame.width, frame.height, sar)
+    if tone_map is not None:
+        rgb, alpha = tone_map(frame, width, height), None
+    elif _has_alpha(frame):
+        rgba = frame.to_ndarray(format="rgba", width=width, height=height, interpolation="BICUBIC")
         rgb, alpha = rgba[..., :3], rgba[..., 3]
     else:
-        rgb, alpha = frame.to_ndarray(format="rgb24"), None
+        rgb, alpha = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation="BICUBIC"), None
     turns = round(frame.rotation / 90) % 4  # counter-clockwise quarter turns, as players apply
     if turns:
         rgb = np.rot90(rgb, turns)
@@ -83,17 +124,59 @@ def to_arrays(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray | None]:
     return np.ascontiguousarray(rgb), None if alpha is None else np.ascontiguousarray(alpha)
 
 
-def decoded_frames(container: av.container.InputContainer, label: str) -> Iterator[av.VideoFrame]:
+def deinterlaced(frames: Iterator[av.VideoFrame], label: str) -> Iterator[av.VideoFrame]:
+    """`frames` deinterlaced by FFmpeg's bwdif when the first one is interlaced (saying so once):
+    one frame per frame, each field's missing lines interpolated with its neighbours' motion, so
+    moving edges do not comb. Frames flagged progressive pass unchanged; a progressive stream
+    does not enter the filter at all."""
+    try:
+        first = next(frames, None)
+        if first is None or not first.interlaced_frame:
+            yield from () if first is None else chain([first], frames)
+            return
+        log.info(f"{label} is interlaced: deinterlacing it with FFmpeg's bwdif (--deinterlace off keeps its fields)")
+        graph = av.filter.Graph()
+        source = graph.add_buffer(width=first.width, height=first.height, format=first.format, time_base=first.time_base)
+        bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
+        source.link_to(bwdif)
+        bwdif.link_to(graph.add("buffersink"))
+        graph.configure()
+        for frame in chain([first], frames, [None]):
+            graph.push(frame)
+            while True:
+                try:
+                    yield graph.pull()
+                except (av.error.BlockingIOError, av.error.EOFError):
+                    break
+    finally:
+        frames.close()
+
+
+def decoded_frames(
+    container: av.container.InputContainer, label: str, streaming: bool = False, announced: int | None = None
+) -> Iterator[av.VideoFrame]:
     """Every frame of the first video stream in order; the container is closed at the end.
 
-    A decoding error becomes a one-line `VlrtError` saying how far decoding got.
+    When decoding reaches the end well short of the `announced` frame count (see
+    `warn_if_truncated`), a warning says so with the numbers; the frames decoded are kept.
+    A decoding error becomes a one-line `VlrtError` saying how far decoding got. A plain mp4/mov
+    on a pipe (`streaming`) fails at its first frame: its index (moov) follows the pictures, so
+    FFmpeg reads past them to find it and cannot go back; that is no corruption, and the message
+    says how to feed such a file.
     """
     decoded = 0
     try:
         for frame in container.decode(container.streams.video[0]):
             yield frame
             decoded += 1
+        warn_if_truncated(label, announced, decoded, video_fps(container.streams.video[0]))
     except av.error.FFmpegError as exc:
+        if streaming and not decoded and container.format.name.startswith("mov"):
+            raise VlrtError(
+                f"{label} is a plain mp4/mov, whose index comes after the pictures, so it cannot stream: give "
+                "its path as INPUT or redirect it with '< file.mp4' (both can seek), or make it with "
+                "'-movflags +faststart', or pipe it as '-f nut'"
+            ) from exc
         where = f"after frame {decoded}" if decoded else "at its first frame"
         raise VlrtError(f"{label} is corrupt {where} ({reason(exc)}): re-encode or repair the video") from exc
     finally:

@@ -13,7 +13,7 @@ import numpy as np
 
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
-from vlrt.io.audio import AudioPassthrough, carry_audio
+from vlrt.io.audio import Soundtracks, carry_audio
 from vlrt.io.av_errors import reason
 from vlrt.io.encoding import Encoding, choose_encoding
 
@@ -70,7 +70,7 @@ class VideoEncoder:
         self._container: av.container.OutputContainer | None = None
         self._stream: av.video.stream.VideoStream | None = None
         self._encoding: Encoding | None = None
-        self._audio: AudioPassthrough | None = None
+        self._audio: Soundtracks | None = None
         self._size: tuple[int, int] | None = None
         self.frames_written = 0
 

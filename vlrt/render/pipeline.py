@@ -28,12 +28,14 @@ from vlrt.executor.executor import Executor
 from vlrt.frames import Frame
 from vlrt.image.color import FIRST
 from vlrt.image.resize import resize_frame
+from vlrt.image.scene_cuts import parse_cut_list
 from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.model.loading import Model, ModelOptions, load_model
 from vlrt.model.prompt_syntax import split_lora_tags
 from vlrt.model.samplers import check_sampler
-from vlrt.render.engine_picker import default_engines_dir, open_engines
+from vlrt.render.engine_picker import default_engines_dir, open_engines, precision_for, resolve_backend
+from vlrt.render.memory import fit_render_size
 from vlrt.render.prepare import Preparer
 from vlrt.render.preview import PreviewCollector
 from vlrt.render.progress import Progress
@@ -42,6 +44,7 @@ from vlrt.render.run_state import (
     finished_folder_frames,
     finished_video_frames,
     is_folder_output,
+    loop_output,
     resume_settings,
     write_settings,
 )
@@ -129,14 +132,6 @@ def concrete_seeds(settings: Settings) -> Settings:
     seed = settings.seed if settings.seed != -1 else secrets.randbelow(2**32)
     subseed = settings.subseed if settings.subseed != -1 else secrets.randbelow(2**32)
     return replace(settings, seed=seed, subseed=subseed)
-
-
-def loop_output(output: str, loop_number: int) -> str:
-    """The per-pass output beside the main one: out.mp4 → out-loop_1.mp4, out/ → out-loop_1/."""
-    path = Path(output)
-    if is_folder_output(output):
-        return str(path.with_name(f"{path.name}-loop_{loop_number}")) + "/"
-    return str(path.with_name(f"{path.stem}-loop_{loop_number}{path.suffix}"))
 
 
 class Pipeline:
@@ -248,7 +243,7 @@ def render(
         check_same_loras(output_spec, model.loras)
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
-        settings, prepare = _settle(settings, source.info, model, resolver)
+        settings, prepare = _settle(settings, source.info, model, resolver, progress.log)
         executor = Executor(engines or _engines(settings, model, denoiser, device, progress.log))
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
@@ -259,7 +254,7 @@ def render(
         write_settings(settings, input_spec, output_spec, None, model.loras)
         with executor:
             written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
-    write_settings(settings, input_spec, output_spec, written, model.loras)
+    write_settings(settings, input_spec, output_spec, written, model.loras, prepare.shots.cuts)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -312,12 +307,13 @@ def _stream(
     `first` frame, `reach` frames earlier, so the kept frames are exact."""
     fps = settings.output_fps(source.info.fps)
     audio = audio_for(settings, source.info)
+    times = frame_times_for(settings, source.info)
     progress.set_total(source.info.frame_count)
     sinks: list[Sink] = []
     try:
-        sink = _open_sink(settings, output_spec, fps, audio, stdout, resume_at=start)
+        sink = _open_sink(settings, output_spec, fps, audio, stdout, resume_at=start, times=times)
         sinks.append(sink)
-        tap_sinks = {stage: _open_sink(settings, spec, fps, audio, None) for stage, spec in taps.items()}
+        tap_sinks = {stage: _open_sink(settings, spec, fps, audio, None, times=times) for stage, spec in taps.items()}
         sinks.extend(tap_sinks.values())
         capacity = sum(s.capacity for s in stages) if stages else 1
         pipeline = Pipeline(stages, executor, capacity, tap_sinks)
@@ -366,6 +362,11 @@ def audio_for(settings: Settings, info: SourceInfo) -> Path | None:
     """The file whose sound a video output carries: the input's, unless frames were skipped."""
     subsampled = settings.extract_nth_frame != 1 and not settings.is_continue
     return info.path if info.has_audio and not subsampled else None
+
+
+def frame_times_for(settings: Settings, info: SourceInfo) -> list[Fraction] | None:
+    """The source's frame times a video output keeps (a variable rate), unless --output-frame-rate asks for a constant one."""
+    return info.frame_times if settings.output_frame_rate is None else None
 
 
 def _engines(
@@ -432,13 +433,15 @@ def render_span(
     reach = pipeline_reach(settings)
     first = max(0, start - reach)
     with _open_source(settings, input_spec, None, start=first) as source:
-        settings, prepare = _settle(settings, source.info, model, resolver)
+        settings, prepare = _settle(settings, source.info, model, resolver, engine_log or progress.log)
         executor = Executor(_engines(settings, model, denoiser, device, engine_log or progress.log))
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
         frames = takewhile(lambda f: f.index < stop + reach, iter(source))
-        if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need frame 0
-            frames = chain([_first_frame(settings, input_spec)], frames)
+        if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need its shot's first frame
+            shot = max((c for c in parse_cut_list(settings.scene_cuts) or () if c <= first), default=0)
+            if shot < first:
+                frames = chain([_frame_at(settings, input_spec, shot)], frames)
         frames = prepare.frames(frames, first)
         with executor:
             Pipeline(stages, executor, sum(s.capacity for s in stages) or 1, taps).run(
@@ -456,6 +459,7 @@ class PreparedRender:
     fps: Fraction  # of the output
     audio: Path | None  # the file whose sound a video output carries
     loras: list[dict]  # the LoRA files fused into the model (path, scale, sha256), for the settings file
+    times: list[Fraction] | None  # each frame's time in seconds at a variable rate, else None
 
 
 def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
@@ -466,23 +470,34 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     denoiser = _denoiser_with_notes(settings, model, log)
     with _open_source(settings, input_spec, None, exact_count=True) as source:
         info = source.info
-        settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed))
+        settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed), log)
     _engines(settings, model, denoiser, pick_device(settings.device), log)
-    return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras)
+    return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
+                          frame_times_for(settings, info))
 
 
-def _settle(settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver) -> tuple[Settings, Preparer]:
-    """The render size made concrete, the schedules tried at the first frame and the prepare step
-    built, so that a bad size, schedule, mask or reference folder fails before any work."""
+def _settle(
+    settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver, log: Callable[[str], None]
+) -> tuple[Settings, Preparer]:
+    """The render size made concrete (and checked against memory), the schedules tried at the first
+    frame and the prepare step built, so that a bad size, schedule, mask or reference folder fails
+    before any work."""
     width, height = frame_size(settings, info.width, info.height, model.vae_scale_factor)
+    device = pick_device(settings.device)
+    backend = resolve_backend(settings.backend, device)
+    width, height = fit_render_size(
+        model, width, height, sized_by_user=settings.width is not None or settings.height is not None,
+        rows=settings.max_batch, backend=backend, precision=precision_for(backend, device, settings.precision),
+        device=device, log=log,
+    )
     settings = replace(settings, width=width, height=height)
     resolver.check_all_first()
     return settings, Preparer(settings, info, width, height, model.device)
 
 
-def _first_frame(settings: Settings, input_spec: str) -> Frame:
-    """The input's frame 0 (a span that starts later needs it as the colour anchor)."""
-    with _open_source(settings, input_spec, None) as source:
+def _frame_at(settings: Settings, input_spec: str, index: int) -> Frame:
+    """The input's frame `index` (a span that starts later needs its shot's first frame as the colour anchor)."""
+    with _open_source(settings, input_spec, None, start=index) as source:
         return next(iter(source))
 
 
@@ -543,11 +558,13 @@ def _open_source(settings: Settings, spec: str, stdin: BinaryIO | None, start: i
         stdin=stdin,
         start=start,
         exact_count=exact_count,
+        deinterlace=settings.deinterlace != "off",
     )
 
 
 def _open_sink(
-    settings: Settings, spec: str, fps: Fraction, audio: Path | None, stdout: BinaryIO | None, resume_at: int = 0
+    settings: Settings, spec: str, fps: Fraction, audio: Path | None, stdout: BinaryIO | None, resume_at: int = 0,
+    times: list[Fraction] | None = None,
 ) -> Sink:
     return open_sink(
         spec,
@@ -559,4 +576,5 @@ def _open_sink(
         output_format=settings.output_format,
         stdout=stdout,
         resume_at=resume_at,
+        times=times,
     )

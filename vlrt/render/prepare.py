@@ -9,7 +9,8 @@ input frame, and travels with it in `Frame.meta` (`Frame.with_image` keeps meta)
 - "reference": the frame's picture in every reference folder, at render size, for the
   difference-mask temporal method (the original frame itself when no folder is given);
 - "prompts": the (prompt, negative prompt) of `<frame>.txt`, with `read_prompt_from_txt`;
-- "color_anchor": the colour distribution the SD results are matched to (`color_correction`).
+- "color_anchor": the colour distribution the SD results are matched to (`color_correction`);
+- "shot": the first frame of the frame's shot (`scene_cuts`, `vlrt.image.scene_cuts`).
 
 Prepared frames leave as tensors on the render device (picture and mask): from here to the sink
 they stay there. The references stay on the host, where the difference masks are made.
@@ -30,6 +31,7 @@ from vlrt.frames import Frame
 from vlrt.image.color import FIRST, ORIGINAL, ColorAnchor
 from vlrt.image.masks import MaskSource, invert_mask
 from vlrt.image.resize import resize_frame, resize_plane
+from vlrt.image.scene_cuts import ShotTracker
 from vlrt.image.temporal_diff import DIFFERENCE_METHOD, reference_lists
 from vlrt.io.images import read_image
 from vlrt.io.sources import SourceInfo
@@ -60,18 +62,21 @@ class Preparer:
                 "extract the frames into a folder, or turn it off"
             )
         self.first_anchor: ColorAnchor | None = None
+        self.shots = ShotTracker(settings.scene_cuts, settings.scene_cut_threshold, float(info.fps or 24))
 
     def frames(self, frames: Iterator[Frame], first: int = 0) -> Iterator[Frame]:
-        """The prepared frames from index `first` on (frame 0 is still seen: it anchors `first` colours)."""
+        """The prepared frames from index `first` on. Frames before are still seen: a shot's first frame
+        anchors `first` colours, and cut detection follows the video from frame 0."""
         for frame in frames:
-            if frame.index == 0 and self.settings.color_correction == FIRST:
-                self.first_anchor = ColorAnchor(torch.from_numpy(self._resized(frame).image).to(self.device))
+            resized = self._resized(frame)
+            shot = self.shots.shot_of(frame.index, resized.image) if self.shots.active else 0
+            if shot == frame.index and self.settings.color_correction == FIRST:  # frame 0, or a shot's first
+                self.first_anchor = ColorAnchor(torch.from_numpy(resized.image).to(self.device))
             if frame.index >= first:
-                yield self(frame)
+                yield self._prepared(resized, shot)
 
-    def __call__(self, frame: Frame) -> Frame:
-        frame = self._resized(frame)
-        meta = dict(frame.meta)
+    def _prepared(self, frame: Frame, shot: int) -> Frame:
+        meta = dict(frame.meta, shot=shot)
         if self.masks is not None:
             mask = self.masks.mask_for(frame)
             meta["mask"] = invert_mask(mask) if self.settings.inpainting_mask_invert else mask

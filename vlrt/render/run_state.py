@@ -13,6 +13,9 @@ from typing import Any
 
 from vlrt import __version__
 from vlrt.errors import VlrtError
+from vlrt.image.temporal_diff import REFERENCE_SEPARATOR
+from vlrt.io.output_guard import refuse_existing, refuse_overwriting_sources
+from vlrt.io.sinks import check_output_spec
 from vlrt.settings.config import FRAMES, SETTINGS_FIELDS, Settings, build_settings, dump_settings, load_config
 
 
@@ -30,11 +33,50 @@ def settings_path(output: str) -> Path | None:
     return path.with_name(path.name + ".settings.toml")
 
 
+def loop_output(output: str, loop_number: int) -> str:
+    """The per-pass output beside the main one: out.mp4 → out-loop_1.mp4, out/ → out-loop_1/."""
+    path = Path(output)
+    if is_folder_output(output):
+        return str(path.with_name(f"{path.name}-loop_{loop_number}")) + "/"
+    return str(path.with_name(f"{path.stem}-loop_{loop_number}{path.suffix}"))
+
+
+def check_outputs(
+    settings: Settings, input_spec: str, output_spec: str, *, preview: str | None = None,
+    no_overwrite: bool = False, resume: bool = False,
+) -> None:
+    """Before anything is loaded or written: the output must be writable as asked (extension, format,
+    codec), must not be the input, a mask or a reference folder, and with `no_overwrite` must not exist.
+
+    Covers every file the run writes: the output, the per-pass outputs of save_every_loop, the
+    preview sheet and the settings file."""
+    check_output_spec(output_spec, codec=settings.codec, crf=settings.crf, lossless=settings.lossless,
+                      output_format=settings.output_format)
+    folder = is_folder_output(output_spec)
+    outputs = [(output_spec, folder)]
+    if settings.save_every_loop:
+        outputs += [(loop_output(output_spec, n), folder) for n in range(1, settings.loop_n)]
+    if preview:
+        outputs.append((preview, False))
+    sources = [("input", input_spec), ("mask", settings.mask_directory)]
+    sources += [("reference folder", part.strip()) for part in settings.reference_frames_directory.split(REFERENCE_SEPARATOR)]
+    refuse_overwriting_sources(outputs, sources)
+    if no_overwrite:
+        # --resume continues the frames and settings file an interrupted run left: only finished files count then.
+        taken = [(spec, f) for spec, f in outputs if not (resume and f)]
+        settings_file = settings_path(output_spec)
+        if settings_file is not None and not folder and not resume:
+            taken.append((str(settings_file), False))
+        refuse_existing(taken)
+
+
 def write_settings(
-    settings: Settings, input_spec: str, output_spec: str, frames: int | None, loras: list[dict[str, Any]] | None = None
+    settings: Settings, input_spec: str, output_spec: str, frames: int | None, loras: list[dict[str, Any]] | None = None,
+    cuts: list[int] | None = None,
 ) -> None:
     """Record the run (atomically); `frames` None means the render is still under way. `loras`
-    (path, scale, sha256 of each file) says which LoRA files exactly the frames were made with."""
+    (path, scale, sha256 of each file) says which LoRA files exactly the frames were made with;
+    `cuts` the scene cuts the render used (the first frame of each new shot)."""
     path = settings_path(output_spec)
     if path is None:
         return
@@ -44,6 +86,8 @@ def write_settings(
         extra["frames"] = frames
     if loras:
         extra["lora"] = loras
+    if cuts:
+        extra["scene_cuts"] = sorted(cuts)
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
     tmp.replace(path)

@@ -43,10 +43,9 @@ from typing import Any
 
 from vlrt.errors import VlrtError
 from vlrt.frames import Frame
-from vlrt.io.encoding import choose_encoding, file_muxer
 from vlrt.io.parts import Part
 from vlrt.io.segment_parts import keep_only, segment_parts
-from vlrt.io.sinks import join_video, open_sink
+from vlrt.io.sinks import check_output_spec, join_video, open_sink
 from vlrt.render.pipeline import (
     PreparedRender,
     RenderResult,
@@ -113,7 +112,7 @@ def render_segments(
             progress.log(f"vlrt: resuming: {len(plan) - len(todo)} of {len(plan)} segments are finished")
         calls = _run(ray, options, settings, input_spec, output_spec, prepared.fps, todo, progress)
     if not is_folder_output(output_spec):
-        join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio)
+        join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio, prepared.times)
     write_settings(settings, input_spec, output_spec, prepared.frames, prepared.loras)
     seconds = time.perf_counter() - started
     progress.log(f"vlrt: wrote {prepared.frames} frames to {output_spec} in {seconds:.1f} s ({len(plan)} segments)")
@@ -145,9 +144,7 @@ def _check_request(settings: Settings, input_spec: str, output_spec: str, segmen
         raise VlrtError("--segments needs a file or folder output, not standard output: render without --segments to stream")
     if settings.save_every_loop:
         raise VlrtError("--save-every-loop is not made by segmented renders: render without --segments for the per-pass videos")
-    if not is_folder_output(output_spec):
-        choose_encoding(file_muxer(Path(output_spec)), pipe=False, codec=settings.codec, lossless=settings.lossless,
-                        crf=settings.crf, alpha=False)
+    check_output_spec(output_spec, codec=settings.codec, crf=settings.crf, lossless=settings.lossless)
 
 
 @contextmanager

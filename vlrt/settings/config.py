@@ -31,6 +31,7 @@ TEMPORAL_METHODS = ("simple", DIFFERENCE_METHOD)
 POST_PROCESS_METHODS = ("none", "fastdvdnet")
 BLEND_ROUNDINGS = ("round", "floor")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
+DEINTERLACE_MODES = ("auto", "off")
 
 
 def _f(default: Any, help: str, group: str = FRAMES, choices: tuple | None = None, alias: str | None = None) -> Any:
@@ -113,6 +114,15 @@ class Settings:
         "round",
         "8-bit rounding of blends: 'round' (exact means) or 'floor' (the extension's Pillow arithmetic, bit for bit)",
         choices=BLEND_ROUNDINGS,
+    )
+    scene_cuts: str = _f(
+        "none", "'auto' detects scene cuts (PySceneDetect's content detector), or the first frame of each new shot "
+        "('12,240,1031'); 'none' blends across cuts as the extension does",
+    )
+    scene_cut_threshold: float = _f(27.0, "content change that makes a cut with scene_cuts auto (PySceneDetect's default)")
+    deinterlace: str = _f(
+        "auto", "interlaced video: 'auto' deinterlaces it (FFmpeg's bwdif, one frame per frame), 'off' keeps its fields",
+        choices=DEINTERLACE_MODES,
     )
     model: str = _f("", "a diffusers Stable Diffusion folder, an SD 1.x/2.x .safetensors/.ckpt file, or 'demo' (the built-in tiny model)")
     model_config: str = _f("", "diffusers config folder for a single-file model of an architecture vlrt does not ship "

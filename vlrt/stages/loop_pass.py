@@ -129,12 +129,13 @@ class LoopPass(Stage):
         self.requests[f] = _Request(params, jobs, plan)
 
     def _init_image(self, f: int, weights: tuple[float, ...]) -> torch.Tensor:
-        """The temporal blend of this pass's inputs around f, neighbours past either end dropped."""
+        """The temporal blend of this pass's inputs around f, neighbours past either end or in another shot dropped."""
         h = self.radius
         if h == 0:
             return self.inputs[f].image
         last = self.received - 1 if self.closed else f + h
-        offsets = [d for d in range(-h, h + 1) if self.first <= f + d <= last]
+        shot = self.inputs[f].meta.get("shot")  # a scene cut is an end of the video too
+        offsets = [d for d in range(-h, h + 1) if self.first <= f + d <= last and self.inputs[f + d].meta.get("shot") == shot]
         frames = [self.inputs[f + d].image for d in offsets]
         slot_weights = [weights[h + d] for d in offsets]
         if self.settings.temporal_superimpose_method == DIFFERENCE_METHOD:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import av
 import numpy as np
 import torch
 
@@ -125,7 +126,8 @@ def bench_color_drift(modes: tuple[str, ...] = ("none", "original", "first"), lo
     from vlrt.demo.clip import sample_frames
     from vlrt.io.sources import open_source
     from vlrt.model.loading import load_model
-    from vlrt.render.pipeline import loop_output, render
+    from vlrt.render.pipeline import render
+    from vlrt.render.run_state import loop_output
 
     model = load_model("demo", torch.device("cpu"))
     inputs = sample_frames(frames, size)
@@ -211,7 +213,20 @@ def table(rows: list[tuple], header: tuple) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "occupancy")
+def bench_demo_1080p(frames: int = 3) -> dict:
+    """Peak memory of a user's first try: the demo model on a 1920×1080 clip, default settings but a short
+    render (ONNX Runtime; its engines built in a fresh cache, as on a first run)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = _write_clip(Path(tmp) / "phone.mkv", frames, (1920, 1080))
+        argv = [sys.executable, "-m", "vlrt", "render", str(clip), "-o", str(Path(tmp) / "out.mp4"), "--model", "demo",
+                "--loop-n", "1", "--steps", "4", "--denoising-strength", "0.3", "--engines", str(Path(tmp) / "engines")]
+        rss, seconds = peak_rss_of(argv)
+        with av.open(str(Path(tmp) / "out.mp4")) as out:
+            size = (out.streams.video[0].width, out.streams.video[0].height)
+    return {"peak_rss_gib": rss / 2**30, "seconds": seconds, "size": size}
+
+
+SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "demo1080", "occupancy")
 
 
 def run(sections: list[str], out: Callable[[str], None] = print, profile: str = "h100", as_json: bool = False) -> None:
@@ -246,6 +261,12 @@ def run(sections: list[str], out: Callable[[str], None] = print, profile: str = 
         rows = [(n, f"{rss:.0f}", f"{s:.1f}") for n, rss, s in zip(m["frames"], m["peak_rss_mib"], m["seconds"])]
         out(table(rows, ("frames", "peak RSS (MiB)", "wall (s)")))
         out(f"\nratio {m['frames'][1]}/{m['frames'][0]} frames: {m['ratio']:.3f}\n")
+    if "demo1080" in sections:
+        d = bench_demo_1080p()
+        out("## The demo model on a 1920×1080 clip (3 frames, loop_n 1, ort, engines built on the run)\n")
+        out(table([(f"{d['size'][0]}×{d['size'][1]}", f"{d['peak_rss_gib']:.2f}", f"{d['seconds']:.1f}")],
+                  ("render size chosen", "peak RSS (GiB)", "wall (s)")))
+        out("")
     if "fastdvdnet" in sections:
         from vlrt.fastdvdnet.bench import bench_reuse
 
