@@ -292,3 +292,18 @@ def test_check_engine_refuses_an_engine_that_computes_something_else(demo_model)
     check_engine(TorchEngine(VAE_DECODER, net.module, 2, torch.device("cpu"), torch.float32), net)
     with pytest.raises(VlrtError, match="freshly built vae_decoder engine .* differs from torch"):
         check_engine(_Returns(VAE_DECODER, torch.zeros(2, 3, 16, 16)), net)
+
+
+def test_the_fp16_copy_for_export_is_made_on_the_cpu_tensor_by_tensor(demo_model):
+    """On a GPU a deep copy would first duplicate the fp32 weights there; the copy is built on the CPU."""
+    from vlrt.engines.modules import UNetModule
+    from vlrt.export.onnx_export import cpu_copy
+
+    module = UNetModule(demo_model.unet)
+    copied = cpu_copy(module, torch.float16)
+    originals = dict(module.named_parameters())
+    for name, p in copied.named_parameters():
+        assert p.dtype == torch.float16 and p.device.type == "cpu" and not p.requires_grad
+        assert torch.equal(p.float(), originals[name].detach().half().float())
+        assert p.data_ptr() != originals[name].data_ptr()
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # the original is untouched
