@@ -307,3 +307,29 @@ def test_the_fp16_copy_for_export_is_made_on_the_cpu_tensor_by_tensor(demo_model
         assert torch.equal(p.float(), originals[name].detach().half().float())
         assert p.data_ptr() != originals[name].data_ptr()
     assert all(p.dtype == torch.float32 for p in module.parameters())  # the original is untouched
+
+
+def test_ort_on_cuda_computes_on_a_torch_stream_without_exhaustive_cudnn_search(monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from vlrt.engines import ort_engine
+
+    asked = {}
+
+    class Session:
+        def __init__(self, path, sess_options, providers):
+            asked["providers"] = providers
+
+        def get_providers(self):
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    class Stream:
+        cuda_stream = 94_000_123
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    path = _dynamic_batch_onnx(tmp_path / "model.onnx")
+    ort_engine.load_session(path, torch.device("cuda", 1), stream=Stream())
+    (cuda, options), cpu = asked["providers"]
+    assert (cuda, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert options == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "user_compute_stream": "94000123"}
