@@ -333,3 +333,12 @@ def test_ort_on_cuda_computes_on_a_torch_stream_without_exhaustive_cudnn_search(
     (cuda, options), cpu = asked["providers"]
     assert (cuda, cpu) == ("CUDAExecutionProvider", "CPUExecutionProvider")
     assert options == {"device_id": "1", "cudnn_conv_algo_search": "HEURISTIC", "user_compute_stream": "94000123"}
+
+
+def test_unmarked_tests_see_no_gpu_nor_do_the_processes_they_start():
+    import os
+
+    from vlrt.render.pipeline import pick_device
+
+    assert pick_device("auto").type == "cpu"
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
