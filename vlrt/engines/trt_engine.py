@@ -42,15 +42,17 @@ POLYGRAPHY_MIN = (0, 49, 1)
 Weights = Path | Mapping[str, np.ndarray]  # an ONNX file of the same network, or initializer name -> array
 
 
-def install_hint() -> str:
-    """How to get TensorRT: the wheel for torch's CUDA major version (tensorrt-cu12, tensorrt-cu13)."""
+def install_command() -> str:
+    """The pip command for TensorRT's wheel of torch's CUDA major version (tensorrt-cu12, tensorrt-cu13)."""
     cuda = getattr(torch.version, "cuda", None)
     package = f"tensorrt-cu{cuda.split('.')[0]}" if cuda else "tensorrt-cu12"
-    first = "" if cuda else "a CUDA build of torch (see the README), then "
-    return (
-        f"install {first}TensorRT with `pip install {package} polygraphy --extra-index-url {NVIDIA_INDEX}` "
-        "on a machine with an NVIDIA GPU, or use --backend ort"
-    )
+    return f"pip install {package} polygraphy --extra-index-url {NVIDIA_INDEX}"
+
+
+def install_hint() -> str:
+    """How to get TensorRT, in one sentence ending with the way around it."""
+    first = "" if getattr(torch.version, "cuda", None) else "a CUDA build of torch (see the README), then "
+    return f"install {first}TensorRT with `{install_command()}` on a machine with an NVIDIA GPU, or use --backend ort"
 
 
 def polygraphy_problem() -> str | None:
@@ -78,7 +80,7 @@ def trt_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         reasons.append("torch sees no CUDA GPU")
     elif trt is not None:
-        problem = _runtime_problem(trt)
+        problem = runtime_problem(trt)
         if problem is not None:
             reasons.append(problem)
     problem = polygraphy_problem()
@@ -89,7 +91,7 @@ def trt_available() -> tuple[bool, str]:
     return True, f"TensorRT {trt.__version__} on {torch.cuda.get_device_name()}"
 
 
-def _runtime_problem(trt: Any) -> str | None:
+def runtime_problem(trt: Any) -> str | None:
     """Why TensorRT cannot start here (a CUDA initialisation error, say), or None: importing it proves little."""
     try:
         runtime = trt.Runtime(trt_logger())
