@@ -342,3 +342,39 @@ def test_unmarked_tests_see_no_gpu_nor_do_the_processes_they_start():
 
     assert pick_device("auto").type == "cpu"
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+# --- the VAE's precision --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("device", "memory_gib", "asked", "want"),
+    [("cpu", 0, "auto", "fp16"), ("cuda", 80, "auto", "fp32"), ("cuda", 8, "auto", "fp16"), ("cuda", 80, "fp16", "fp16"),
+     ("cpu", 0, "fp32", "fp32")],
+)
+def test_vae_runs_in_fp32_on_gpus_with_room_for_it(monkeypatch, device, memory_gib, asked, want):
+    import types
+
+    from vlrt.render.engine_picker import vae_precision_for
+
+    props = types.SimpleNamespace(total_memory=memory_gib * 2**30)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    assert vae_precision_for(torch.device(device), asked, "fp16") == want
+
+
+@pytest.mark.parametrize("backend", ["torch", "ort"])
+def test_vae_precision_applies_to_both_vae_halves_only(demo_model, tmp_path, backend):
+    import copy
+
+    from vlrt.render.engine_picker import build_engines, sd_networks
+
+    model = copy.deepcopy(demo_model)  # the torch backend converts modules in place
+    engines = build_engines(sd_networks(model, 16, 16), backend, device=torch.device("cpu"), max_batch=2,
+                            precision="fp16", engines_dir=tmp_path, log=lambda m: None, vae_precision="fp32")
+    if backend == "torch":
+        dtypes = {name: next(e.module.parameters()).dtype for name, e in engines.items()}
+        assert dtypes == {UNET: torch.float16, "vae_encoder": torch.float32, VAE_DECODER: torch.float32}
+    else:
+        folders = {name: e.path.parent.name for name, e in engines.items()}
+        assert folders[UNET].endswith("-fp16")
+        assert folders["vae_encoder"].endswith("-fp32") and folders[VAE_DECODER].endswith("-fp32")

@@ -119,6 +119,19 @@ def precision_for(backend: str, device: torch.device, asked: str) -> str:
     return "fp16" if backend == "trt" or device.type == "cuda" else "fp32"
 
 
+VAE_FP32_MIN_MEMORY = 16 * 2**30  # bytes of GPU memory from which `auto` runs the VAE in fp32
+
+
+def vae_precision_for(device: torch.device, asked: str, precision: str) -> str:
+    """The VAE's precision: `auto` is fp32 on a GPU with room for its fp32 activations (a NaN in
+    fp16 decodes to a black frame that feeds the next loop pass), else the engines' `precision`."""
+    if asked != "auto":
+        return asked
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= VAE_FP32_MIN_MEMORY:
+        return "fp32"
+    return precision
+
+
 def build_engines(
     networks: list[Network],
     backend: str,
@@ -128,15 +141,25 @@ def build_engines(
     precision: str,
     engines_dir: Path,
     log: Callable[[str], None],
+    vae_precision: str | None = None,
 ) -> dict[str, Engine]:
     """One engine per network on the resolved backend, exporting or building into the cache as needed.
 
+    The VAE's two halves run in `vae_precision` (default: `precision`), the others in `precision`.
     On `ort` and `trt` the UNet is a `TokenLengthEngine`: the engine of the example's prompt
     length now, those of longer prompts when they first come.
     """
+    vae = vae_precision or precision
+
+    def precision_of(component: str) -> str:
+        return vae if component in (VAE_ENCODER, VAE_DECODER) else precision
+
     if backend == "torch":
-        dtype = torch.float16 if precision == "fp16" else torch.float32
-        return {n.component: TorchEngine(n.component, n.module, max_batch, device, dtype) for n in networks}
+        dtypes = {"fp16": torch.float16, "fp32": torch.float32}
+        return {
+            n.component: TorchEngine(n.component, n.module, max_batch, device, dtypes[precision_of(n.component)])
+            for n in networks
+        }
     from vlrt.export.cache import EngineCache
     from vlrt.export.manifest import model_hash, structure_hash
 
@@ -147,7 +170,7 @@ def build_engines(
 
         def engine(tokens: int | None, net: Network = net, hashes: tuple[str, str] = hashes) -> Engine:
             sized = net if tokens is None else with_tokens(net, tokens)
-            return _cached_engine(cache, sized, hashes, backend, device, max_batch, precision, log)
+            return _cached_engine(cache, sized, hashes, backend, device, max_batch, precision_of(net.component), log)
 
         if net.component == UNET:
             tokens = int(net.example["encoder_hidden_states"].shape[1])
@@ -312,6 +335,7 @@ def open_engines(
     precision: str,
     engines_dir: Path,
     log: Callable[[str], None],
+    vae_precision: str = "auto",
 ) -> EngineSet:
     """The engines of one run: SD's networks when there is a model, FastDVDnet's blocks when asked."""
     backend = resolve_backend(backend, device, log)
@@ -320,14 +344,16 @@ def open_engines(
         networks += sd_networks(model, height, width)
     if denoiser is not None:
         networks += fastdvdnet_networks(denoiser, height, width)
+    precision = precision_for(backend, device, precision)
     engines = build_engines(
         networks,
         backend,
         device=device,
         max_batch=max_batch,
-        precision=precision_for(backend, device, precision),
+        precision=precision,
         engines_dir=engines_dir,
         log=log,
+        vae_precision=vae_precision_for(device, vae_precision, precision),
     )
     if backend != "torch" and device.type == "cuda":
         _leave_gpu([n.module for n in networks])
