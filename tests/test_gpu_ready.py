@@ -378,3 +378,22 @@ def test_vae_precision_applies_to_both_vae_halves_only(demo_model, tmp_path, bac
         folders = {name: e.path.parent.name for name, e in engines.items()}
         assert folders[UNET].endswith("-fp16")
         assert folders["vae_encoder"].endswith("-fp32") and folders[VAE_DECODER].endswith("-fp32")
+
+
+def test_a_fresh_plan_that_differs_from_torch_is_refused_and_not_kept(demo_model, tmp_path, monkeypatch):
+    from fake_trt import install
+
+    from vlrt.render import engine_picker
+
+    install(monkeypatch)
+    _PlanRecorder(monkeypatch)
+    monkeypatch.setattr(engine_picker, "check_engine", _refuse_vae_decoder)
+    with pytest.raises(VlrtError, match="differs from torch"):
+        _engines_of(demo_model, tmp_path)
+    entries = sorted(p.name.split("-")[1] for p in (tmp_path / "engines").iterdir() if not p.name.startswith("."))
+    assert entries == ["unet", "vae_encoder"]  # the decoder's entry is gone: the next run builds it again
+
+
+def _refuse_vae_decoder(engine, net):
+    if engine.component == VAE_DECODER:
+        raise VlrtError("the freshly built vae_decoder engine differs from torch by 3.1")

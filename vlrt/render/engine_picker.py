@@ -19,6 +19,7 @@ leave the GPU.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,7 +237,11 @@ def _cached_engine(
     folder = cache.find_or_build(net.component, key, _onnx_builder(net, precision, base, reweighted), make_plan)
     engine = _load(backend, net.component, folder, max_batch, device)
     if built:
-        check_engine(engine, net)
+        try:
+            check_engine(engine, net)
+        except VlrtError:
+            shutil.rmtree(folder, ignore_errors=True)  # never found and used by a later run
+            raise
     return engine
 
 
