@@ -7,7 +7,6 @@ behaves as the documented API does where the test needs it to.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Mapping
 
 import pytest

@@ -17,6 +17,7 @@ the script works before a GPU's time is spent on it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import subprocess
@@ -133,8 +134,6 @@ def diffusers_row(model: Path, clips: dict[int, Path], work: Work, device: torch
     row = Row("diffusers StableDiffusionImg2ImgPipeline", _precision(dtype))
     row.fps = per_frame_rate(run, work)
     row.finite = "yes" if not bad else f"NO ({len(bad)} frames)"
-    del pipe
-    _free()
     return row
 
 
@@ -167,7 +166,6 @@ def vlrt_row(backend: str, model: Path, clips: dict[int, Path], work: Work, devi
         return row
     row.finite = "yes"
     row.note = f"UNet calls per long run: {calls.get('unet', 0)}"
-    _free()
     return row
 
 
@@ -190,6 +188,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _free() -> None:
+    """Hand the previous runner's cached GPU memory back before the next one starts."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -260,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         clips = {n: _clip(root / f"clip{n}", n, work.size) for n in (work.short, work.long)}
         rows = [diffusers_row(model, clips, work, device, dtype)]
         for backend in [b.strip() for b in args.backends.split(",") if b.strip()]:
+            _free()
             rows.append(vlrt_row(backend, model, clips, work, device, _precision(dtype), root / "engines", root))
         tests = "not run (dry run)" if args.dry_run else run_marked_tests(args.test_timeout)
     report = markdown(_device_line(device), work, model_line, rows, tests)
