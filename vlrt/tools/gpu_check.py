@@ -139,8 +139,9 @@ def diffusers_row(model: Path, clips: dict[int, Path], work: Work, device: torch
 
 def vlrt_row(backend: str, model: Path, clips: dict[int, Path], work: Work, device: torch.device,
              precision: str, engines: Path, out: Path) -> Row:
-    """vlrt's render of the same clips on one backend; a backend this machine lacks gets a row saying why."""
-    from vlrt.render.pipeline import render
+    """vlrt's render of the same clips on one backend; a backend this machine lacks gets a row saying why.
+    The VAE runs in the reference's precision (vlrt's own default on a large GPU is fp32)."""
+    from vlrt.render.pipeline import open_model, render
     from vlrt.settings.config import build_settings
 
     row = Row(f"vlrt --backend {backend}", precision)
@@ -151,12 +152,13 @@ def vlrt_row(backend: str, model: Path, clips: dict[int, Path], work: Work, devi
     settings = build_settings(overrides=dict(
         model=str(model), loop_n=1, steps=work.steps, denoising_strength=work.strength, cfg_scale=work.cfg,
         prompt=work.prompt, sampler_name=work.sampler, seed=1, backend=backend, device=device.type,
-        precision=precision, engines=str(engines), max_batch=16,
+        precision=precision, vae_precision=precision, engines=str(engines), max_batch=16,
     ))
+    loaded = open_model(settings, device)  # once: the runs differ in frames only
     calls: dict[str, int] = {}
 
     def run(frames: int) -> None:
-        result = render(settings, str(clips[frames]), str(out / f"{backend}-{frames}.mp4"), quiet=True)
+        result = render(settings, str(clips[frames]), str(out / f"{backend}-{frames}.mp4"), quiet=True, model=loaded)
         calls.update(result.engine_calls)
 
     try:
