@@ -28,7 +28,7 @@ from torch import nn
 
 from vlrt.engines.ort_engine import usable_cpus
 
-FORMAT = 2  # bump when the export code changes what it writes, so old entries are rebuilt
+FORMAT = 3  # bump when the export code changes what it writes, so old entries are rebuilt
 EXPORTER = "torch.onnx.export(dynamo=False)"
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"

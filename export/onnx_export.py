@@ -9,6 +9,11 @@ Why the choices:
   stays a float32 input; the UNet computes its sinusoidal embedding in float32 and casts the
   result to float16 itself. float16 cannot hold fractional timesteps near 1000 (its spacing
   there is 0.5). TensorRT 10/11 builds such a graph strongly typed, without precision flags.
+- In an fp16 export the normalisations (GroupNorm, exported as InstanceNormalization, and
+  LayerNormalization) and the attention softmax compute in float32 between two Casts
+  (`FP32_OPS`): a strongly typed plan computes each node in the type the file gives it (the
+  ONNX parser sets no compute precision), and these reductions overflow or lose all precision
+  in fp16, which comes out as NaN or black frames. The rest stays fp16, as fast as before.
 - No constant folding at export: it would fold the transposes of the Linear weights into new
   initializers with generated names, and a weight could no longer be found by its parameter
   name. Unfolded, every initializer is a parameter of the module, by name (parameters of equal
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 BATCH_AXIS = "batch"
+FP32_OPS = frozenset({"InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax"})
 
 
 @contextmanager
@@ -101,7 +107,7 @@ def export_onnx(
                     do_constant_folding=False,
                     dynamo=False,
                 )
-            _place(Path(scratch), raw, path, shapes[0][1:])
+            _place(Path(scratch), raw, path, shapes[0][1:], fp32_islands=precision == "fp16")
     with progress(f"checking {path.name}"):
         onnx.checker.check_model(str(path))  # by path, so that external data and > 2 GB work
 
@@ -109,9 +115,10 @@ def export_onnx(
 def _traceable(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`module` itself when it already has `dtype`, else a converted copy.
 
-    A float16 trace runs on CUDA where there is one: torch's CPU float16 kernels are slow (the
-    SD 1.5 UNet's traced forward alone takes minutes on a CPU). The ONNX file does not depend
-    on where the trace ran.
+    The copy's tensors are made in `dtype` on the CPU, never as a second full-precision copy on
+    the GPU (the SD 1.5 UNet is 3.4 GB in fp32). A float16 trace then runs on CUDA where there
+    is one: torch's CPU float16 kernels are slow (the SD 1.5 UNet's traced forward alone takes
+    minutes on a CPU). The ONNX file does not depend on where the trace ran.
     """
     device = next(module.parameters()).device
     if dtype == torch.float16 and device.type == "cpu" and torch.cuda.is_available():
@@ -119,7 +126,17 @@ def _traceable(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     tensors = [*module.parameters(), *module.buffers()]
     if all(t.dtype == dtype and t.device == device for t in tensors if t.is_floating_point()):
         return module
-    return copy.deepcopy(module).to(device, dtype)
+    return cpu_copy(module, dtype).to(device)
+
+
+def cpu_copy(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of `module` whose floating-point tensors are `dtype` on the CPU, made tensor by
+    tensor (the copy never holds the original's precision on the original's device)."""
+    memo: dict[int, torch.Tensor] = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        value = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype, copy=True)
+        memo[id(t)] = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
+    return copy.deepcopy(module, memo)
 
 
 def _example(name: str, value: torch.Tensor, module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -137,8 +154,9 @@ def _removing(handle: torch.utils.hooks.RemovableHandle) -> Iterator[None]:
         handle.remove()
 
 
-def _place(scratch: Path, raw: Path, path: Path, output_rest: tuple[int, ...]) -> None:
-    """Write the export to `path` with static output sizes after the batch axis.
+def _place(scratch: Path, raw: Path, path: Path, output_rest: tuple[int, ...], fp32_islands: bool) -> None:
+    """Write the export to `path` with static output sizes after the batch axis (and, for fp16,
+    the `FP32_OPS` in float32).
 
     Where the exporter spilled weights into one file per tensor (models over 2 GB), they are
     gathered into one external data file, `<path>.data`.
@@ -148,7 +166,37 @@ def _place(scratch: Path, raw: Path, path: Path, output_rest: tuple[int, ...]) -
     (output,) = model.graph.output
     for dim, size in zip(output.type.tensor_type.shape.dim[1:], output_rest, strict=True):
         dim.dim_value = size  # replaces a symbolic size
+    if fp32_islands:
+        compute_in_fp32(model.graph, FP32_OPS)
     save_onnx(model, path, external)
+
+
+def compute_in_fp32(graph: onnx.GraphProto, op_types: frozenset[str]) -> int:
+    """Make every node of `op_types` compute in float32 inside an fp16 graph: its inputs are cast
+    to float32 and its outputs back to float16. No initializer changes (re-weighting still finds
+    every weight by its parameter's name). Returns how many nodes were changed."""
+    nodes: list[onnx.NodeProto] = []
+    changed = 0
+    for node in graph.node:
+        if node.op_type not in op_types:
+            nodes.append(node)
+            continue
+        changed += 1
+        for i, name in enumerate(node.input):
+            if name:
+                cast = f"{node.name or node.output[0]}/fp32_in{i}"
+                nodes.append(onnx.helper.make_node("Cast", [name], [cast], name=cast, to=onnx.TensorProto.FLOAT))
+                node.input[i] = cast
+        backs = []
+        for i, name in enumerate(node.output):
+            if name:
+                wide = f"{node.name or name}/fp32_out{i}"
+                backs.append(onnx.helper.make_node("Cast", [wide], [name], name=f"{wide}/fp16", to=onnx.TensorProto.FLOAT16))
+                node.output[i] = wide
+        nodes += [node, *backs]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return changed
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:

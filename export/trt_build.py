@@ -7,7 +7,9 @@
   because the executor fills batches.
 - An optional timing cache shared across builds makes rebuilds (another batch size, another
   model of the same architecture) much faster.
-- The UNet is built refittable, so a LoRA change refits weights instead of rebuilding.
+- The UNet is built refittable, so a LoRA change refits weights instead of rebuilding; except
+  on TensorRT 11.3, whose refittable builds can compute wrong results (NVIDIA's 11.3.0 docs):
+  there it is built without REFIT, and a LoRA change rebuilds it.
 
 Builds take minutes; TensorRT's phases are logged as they start and end.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import onnx
 
 from vlrt.engines.base import UNET
-from vlrt.engines.trt_engine import require_trt
+from vlrt.engines.trt_engine import refit_supported, require_trt
 from vlrt.errors import VlrtError
 from vlrt.export.onnx_export import progress
 
@@ -53,7 +55,8 @@ def build_plan(
     """Build a strongly typed plan for batch 1..max_batch from `onnx_path` into `plan_path`.
 
     The UNet's plan is refittable (see the module docstring); the others are not, which
-    leaves TensorRT free to fold their weights.
+    leaves TensorRT free to fold their weights. `timing_cache` is read when it exists and
+    written after the build.
     """
     trt = require_trt()
     try:
@@ -64,9 +67,13 @@ def build_plan(
     profile = Profile()
     for name, (lo, opt, hi) in profile_shapes(onnx_path, max_batch).items():
         profile.add(name, min=lo, opt=opt, max=hi)
+    refittable = component == UNET and refit_supported(trt.__version__)
+    if component == UNET and not refittable:
+        log.warning("TensorRT %s: building the UNet plan without REFIT (refittable plans may compute wrong results "
+                    "on 11.3); a LoRA change rebuilds it", trt.__version__)
     config = CreateConfig(
         profiles=[profile],
-        refittable=component == UNET,
+        refittable=refittable,
         load_timing_cache=str(timing_cache) if timing_cache is not None and timing_cache.is_file() else None,
         progress_monitor=_progress_monitor(trt),
     )

@@ -17,6 +17,17 @@ os.environ["VLRT_ENGINES"] = tempfile.mkdtemp(prefix="vlrt-test-engines-")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Tests compare with CPU references on shared CPU fixtures: on a CUDA machine, `--device auto`
+    would silently run them in CUDA fp16. Only tests marked `gpu` or `trt` see the GPU (and the
+    processes they start inherit no visible GPU either)."""
+    if request.node.get_closest_marker("gpu") or request.node.get_closest_marker("trt"):
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 @pytest.fixture(scope="session")
 def demo_model():
     from vlrt.model.loading import load_model

@@ -7,6 +7,7 @@ import pytest
 from conftest import read_frames
 
 from vlrt.cli import main
+from vlrt.engines.trt_engine import trt_available
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 
@@ -42,6 +43,7 @@ def test_batching_does_not_change_the_frames(demo_model, clip_folder, tmp_path):
     assert off.engine_calls["unet"] >= 4 * on.engine_calls["unet"]
 
 
+@pytest.mark.skipif(trt_available()[0], reason="TensorRT can run here")
 def test_backend_trt_without_tensorrt_says_how_to_get_it(clip_folder, tmp_path, capsys):
     code = main(["render", str(clip_folder), "-o", str(tmp_path / "o.mp4"), "--model", "demo", "--backend", "trt", "--quiet"])
     err = capsys.readouterr().err.strip()

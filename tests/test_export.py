@@ -148,6 +148,22 @@ def test_fp16_export_has_fp16_weights_and_io(onnx_files):
     }
 
 
+def test_fp16_export_normalises_and_softmaxes_in_fp32(onnx_files):
+    """A strongly typed plan computes each node in its file's type: these must say float32."""
+    wide = {"InstanceNormalization", "LayerNormalization", "Softmax"}
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_files["unet_fp16"])))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types |= {i.name: i.data_type for i in graph.initializer}
+    nodes = [n for n in graph.node if n.op_type in wide]
+    fp32_nodes = [n for n in onnx.load(str(onnx_files[UNET])).graph.node if n.op_type in wide]
+    assert {n.op_type for n in nodes} == wide and len(nodes) == len(fp32_nodes)  # all of them, of each kind
+    for node in nodes:
+        assert all(types[name] == onnx.TensorProto.FLOAT for name in [*node.input, *node.output] if name), node.name
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in convs)  # the rest stays fp16
+
+
 # --- ONNX Runtime against torch ------------------------------------------------------------
 
 

@@ -17,9 +17,11 @@ from vlrt.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-# Options of other programs the README shows (pip, ray start), and words that only look like options:
-# the naming rule for options and the prompt files' separator.
-FOREIGN = {"--index-url", "--extra-index-url", "--head", "--address", "--help", "--kebab-case", "--neg"}
+# Options of other programs the README shows (pip, ray start, tools/gpu_check.sh, tested in
+# test_gpu_check.py), and words that only look like options: the naming rule for options and the
+# prompt files' separator.
+FOREIGN = {"--index-url", "--extra-index-url", "--head", "--address", "--help", "--kebab-case", "--neg",
+           "--dry-run", "--out", "--backends"}
 
 
 def _readme_options() -> set[str]:

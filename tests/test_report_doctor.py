@@ -175,12 +175,19 @@ def test_doctor_with_a_gpu_and_tensorrt(monkeypatch, capsys, tmp_path):
     out = _doctor(capsys, engines)
     assert "Fake H100, 80.0 GiB, compute capability 9.0" in out
     assert "1 engine (1 with TensorRT plans)" in out
-    assert "pip install --extra-index-url https://pypi.nvidia.com tensorrt" in out
+    assert "pip install tensorrt-cu12 polygraphy --extra-index-url https://pypi.nvidia.com" in out
 
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0"))
+    from fake_trt import install
+
+    install(monkeypatch, version="10.9.0", runtime_fails=True)  # imports, but cannot start on this GPU
     out = _doctor(capsys, engines)
-    assert "TensorRT:     10.9.0" in out
-    assert "fastest backend here: --backend trt" in out
+    assert "TensorRT:     10.9.0, unusable: TensorRT cannot start a runtime (CUDA initialization failure" in out
+    assert "fastest backend here: --backend torch on the GPU" in out
+
+    install(monkeypatch, version="10.9.0", polygraphy="0.48.1")
+    out = _doctor(capsys, engines)
+    assert "TensorRT:     10.9.0\n" in out and "polygraphy:   polygraphy 0.48.1 is older than 0.49.1" in out
+    assert "fastest backend here: --backend trt" in out and "pip install -U polygraphy (0.49.1 or later)" in out
 
 
 def test_doctor_survives_a_probe_that_raises(monkeypatch, capsys, tmp_path):

@@ -186,6 +186,7 @@ def _export(args: argparse.Namespace) -> int:
         precision_for,
         resolve_backend,
         sd_networks,
+        vae_precision_for,
     )
     from vlrt.render.pipeline import fastdvdnet_network, open_model, pick_device
 
@@ -198,6 +199,7 @@ def _export(args: argparse.Namespace) -> int:
         raise VlrtError(f"unknown component(s) {', '.join(sorted(unknown))}: choose from {', '.join(EXPORT_COMPONENTS)}")
     if settings.width is None or settings.height is None:
         raise VlrtError("vlrt export needs --width and --height (engines are built for one resolution)")
+    precision = precision_for(backend, device, settings.precision)
     networks = []
     if any(c != "fastdvdnet" for c in wanted):
         model = open_model(settings, device)
@@ -206,9 +208,9 @@ def _export(args: argparse.Namespace) -> int:
         net = fastdvdnet_network(settings.fastdvdnet_weights, settings.model == "demo", _log(args))
         networks += fastdvdnet_networks(net, settings.height, settings.width)
     engines = build_engines(
-        networks, backend, device=device, max_batch=settings.max_batch,
-        precision=precision_for(backend, device, settings.precision),
+        networks, backend, device=device, max_batch=settings.max_batch, precision=precision,
         engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(), log=_log(args),
+        vae_precision=vae_precision_for(device, settings.vae_precision, precision),
     )
     for name, engine in engines.items():
         print(f"{name}: {getattr(engine, 'path', '')}")
@@ -268,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated, from {', '.join(EXPORT_COMPONENTS)} (default: SD's three)")
     export.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
     add_settings_arguments(export, ("model", "model_config", "prediction_type", "vae", "lora", "width", "height", "max_batch",
-                                    "precision", "engines", "backend", "device",
+                                    "precision", "vae_precision", "engines", "backend", "device",
                                     "fastdvdnet_weights"))
     export.set_defaults(run=_export, config=None)
 

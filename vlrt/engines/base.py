@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlrt.errors import VlrtError
+
 UNET = "unet"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
@@ -59,16 +61,30 @@ class Engine(ABC):
         """Run one batch of at most `max_batch` rows."""
 
     def __call__(self, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Run any number of rows, split into calls of at most `max_batch`."""
+        """Run any number of rows, split into calls of at most `max_batch`; refuse non-finite outputs."""
         rows = next(iter(feed.values())).shape[0]
         if rows <= self.max_batch:
             self.calls += 1
-            return self._run(feed)
+            return self._finite(self._run(feed), rows)
         parts: list[dict[str, torch.Tensor]] = []
         for start in range(0, rows, self.max_batch):
             self.calls += 1
             parts.append(self._run({k: v[start : start + self.max_batch] for k, v in feed.items()}))
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return self._finite({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, rows)
+
+    def _finite(self, outputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
+        """`outputs`, or a VlrtError: a NaN would decode to a black frame and feed the next loop pass.
+
+        One reduction per output and call (on a GPU, one small device-to-host read).
+        """
+        for name, value in outputs.items():
+            if not bool(torch.isfinite(value).all()):
+                raise VlrtError(
+                    f"the {self.component} engine ({self.backend}) returned NaN or infinite values in {name!r} "
+                    f"(call {self.calls}, {rows} rows): an fp16 overflow or a broken engine; "
+                    "run with --precision fp32 or --backend torch, and report it if it persists"
+                )
+        return outputs
 
 
 @dataclass

@@ -3,6 +3,11 @@
 Inputs are cast to the types the ONNX file declares (so fp16 exports work: sample and
 embeddings go in as float16, the UNet timestep stays float32), outputs come back as float32
 torch tensors on the engine's device, like every other backend.
+
+On CUDA (onnxruntime-gpu) a session computes on a torch stream of its own (ORT's
+`user_compute_stream`), ordered against torch's current stream with `wait_stream`, with its
+buffers bound by address and no host synchronisation per call; cuDNN picks convolution
+algorithms by heuristics, not by an exhaustive search of every new shape (seconds each).
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ def usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def load_session(path: Path, device: torch.device, threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession on `device`; VlrtError for a missing or corrupt file or a missing provider."""
+def load_session(
+    path: Path, device: torch.device, threads: int | None = None, stream: torch.cuda.Stream | None = None
+) -> ort.InferenceSession:
+    """An InferenceSession on `device` (computing on `stream` on CUDA); VlrtError for a missing or
+    corrupt file or a missing provider."""
     fix = _fix(path)
     if not path.is_file():
         raise VlrtError(f"ONNX engine {path} does not exist; {fix}")
@@ -48,7 +56,10 @@ def load_session(path: Path, device: torch.device, threads: int | None = None) -
                 "ONNX Runtime has no CUDA provider; `pip uninstall onnxruntime && pip install onnxruntime-gpu`, "
                 "or run on the CPU"
             )
-        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+        cuda_options = {"device_id": str(device.index or 0), "cudnn_conv_algo_search": "HEURISTIC"}
+        if stream is not None:
+            cuda_options["user_compute_stream"] = str(stream.cuda_stream)
+        providers = [("CUDAExecutionProvider", cuda_options), "CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as err:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
@@ -64,11 +75,15 @@ def load_session(path: Path, device: torch.device, threads: int | None = None) -
 
 
 def run_session(
-    session: ort.InferenceSession, feed: Mapping[str, torch.Tensor], device: torch.device = CPU
+    session: ort.InferenceSession,
+    feed: Mapping[str, torch.Tensor],
+    device: torch.device = CPU,
+    stream: torch.cuda.Stream | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run one batch; float32 outputs on `device` (numpy on the CPU, IO binding on CUDA)."""
+    """Run one batch; float32 outputs on `device` (numpy on the CPU, IO binding on CUDA, where
+    `stream` is the session's compute stream)."""
     if device.type == "cuda":
-        return _run_bound(session, feed, device)
+        return _run_bound(session, feed, device, stream)
     arrays = {
         meta.name: feed[meta.name].detach().to("cpu", ORT_TYPES[meta.type]).contiguous().numpy()
         for meta in session.get_inputs()
@@ -77,26 +92,42 @@ def run_session(
     return {meta.name: torch.from_numpy(v).float() for meta, v in zip(session.get_outputs(), values, strict=True)}
 
 
+_NO_SYNC = ort.RunOptions()
+_NO_SYNC.add_run_config_entry("disable_synchronize_execution_providers", "1")
+
+
 def _run_bound(
-    session: ort.InferenceSession, feed: Mapping[str, torch.Tensor], device: torch.device
+    session: ort.InferenceSession, feed: Mapping[str, torch.Tensor], device: torch.device, stream: torch.cuda.Stream | None
 ) -> dict[str, torch.Tensor]:
-    """Hand torch's device buffers to ORT without copies through the host."""
+    """Hand torch's device buffers to ORT without copies through the host.
+
+    With the session's own `stream`, the call is ordered on the device like a torch op; without
+    one (ORT's own stream), the host waits before and after."""
     binding = session.io_binding()
-    keep = []  # the cast inputs must live until the run ends
+    buffers = []
     for meta in session.get_inputs():
         t = feed[meta.name].detach().to(device, ORT_TYPES[meta.type]).contiguous()
-        keep.append(t)
+        buffers.append(t)
         binding.bind_input(meta.name, "cuda", device.index or 0, _np_type(t.dtype), tuple(t.shape), t.data_ptr())
-    rows = keep[0].shape[0]
+    rows = buffers[0].shape[0]
     outs = {}
     for meta in session.get_outputs():
         shape = [rows if isinstance(d, str) or d is None else d for d in meta.shape]
         out = torch.empty(shape, dtype=ORT_TYPES[meta.type], device=device)
         binding.bind_output(meta.name, "cuda", device.index or 0, _np_type(out.dtype), tuple(shape), out.data_ptr())
         outs[meta.name] = out
-    torch.cuda.current_stream(device).synchronize()  # ORT runs on its own stream
-    session.run_with_iobinding(binding)
-    binding.synchronize_outputs()
+        buffers.append(out)
+    current = torch.cuda.current_stream(device)
+    if stream is None:
+        current.synchronize()
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+    else:
+        stream.wait_stream(current)  # the inputs are ready
+        for t in buffers:
+            t.record_stream(stream)  # not reused by torch's allocator before ORT has run
+        session.run_with_iobinding(binding, _NO_SYNC)
+        current.wait_stream(stream)
     return {name: out.float() for name, out in outs.items()}
 
 
@@ -114,11 +145,12 @@ class OrtEngine(Engine):
     ) -> None:
         super().__init__(component, max_batch, device)
         self.path = Path(path)
-        self.session = load_session(self.path, device, threads)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.session = load_session(self.path, device, threads, self.stream)
         _check_signature(self.session, component, self.path)
 
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return run_session(self.session, feed, self.device)
+        return run_session(self.session, feed, self.device, self.stream)
 
 
 def _check_signature(session: ort.InferenceSession, component: str, path: Path) -> None:

@@ -5,13 +5,21 @@
 length, batch profile, precision, library versions, and TensorRT version and GPU for plans) does
 not match is rebuilt, never loaded. An entry that differs only in weight values (a LoRA at
 another scale) is re-weighted from one of the same graph instead of exported again, and on
-TensorRT its refittable plan is refitted instead of rebuilt. `auto` takes TensorRT where it and a
-CUDA GPU are present, else ONNX Runtime.
+TensorRT the UNet's refittable plan is refitted instead of rebuilt; the other plans are not
+refittable (TensorRT folds their weights) and are rebuilt, as is a UNet whose refit fails or
+whose ONNX had to be exported afresh. `auto` takes TensorRT where it and a CUDA GPU are present,
+else ONNX Runtime, saying why in one line.
+
+On a GPU: plan builds share a timing cache (per TensorRT version and GPU) in the engine folder
+and start with torch's cached memory freed; every freshly built plan is compared with torch on
+random inputs before it is used; once the engines are loaded, the torch modules they came from
+leave the GPU.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,12 +94,18 @@ def fastdvdnet_networks(network: nn.Module, height: int, width: int) -> list[Net
     return [Network(FASTDVDNET_BLOCK1, network.temp1, example), Network(FASTDVDNET_BLOCK2, network.temp2, example)]
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """`auto` made concrete; `trt` refused with how to get it when TensorRT or a GPU is missing."""
+def resolve_backend(backend: str, device: torch.device, log: Callable[[str], None] | None = None) -> str:
+    """`auto` made concrete (on a GPU without usable TensorRT, one `log` line says why it is ONNX
+    Runtime); `trt` refused with how to get it when TensorRT or a GPU is missing."""
     from vlrt.engines.trt_engine import trt_available
 
     if backend == "auto":
-        return "trt" if device.type == "cuda" and trt_available()[0] else "ort"
+        if device.type != "cuda":
+            return "ort"
+        ok, why = trt_available()
+        if not ok and log is not None:
+            log(f"vlrt: --backend auto runs ONNX Runtime, not TensorRT: {why}")
+        return "trt" if ok else "ort"
     if backend == "trt":
         ok, why = trt_available()
         if not ok:
@@ -106,6 +120,19 @@ def precision_for(backend: str, device: torch.device, asked: str) -> str:
     return "fp16" if backend == "trt" or device.type == "cuda" else "fp32"
 
 
+VAE_FP32_MIN_MEMORY = 16 * 2**30  # bytes of GPU memory from which `auto` runs the VAE in fp32
+
+
+def vae_precision_for(device: torch.device, asked: str, precision: str) -> str:
+    """The VAE's precision: `auto` is fp32 on a GPU with room for its fp32 activations (a NaN in
+    fp16 decodes to a black frame that feeds the next loop pass), else the engines' `precision`."""
+    if asked != "auto":
+        return asked
+    if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= VAE_FP32_MIN_MEMORY:
+        return "fp32"
+    return precision
+
+
 def build_engines(
     networks: list[Network],
     backend: str,
@@ -115,15 +142,25 @@ def build_engines(
     precision: str,
     engines_dir: Path,
     log: Callable[[str], None],
+    vae_precision: str | None = None,
 ) -> dict[str, Engine]:
     """One engine per network on the resolved backend, exporting or building into the cache as needed.
 
+    The VAE's two halves run in `vae_precision` (default: `precision`), the others in `precision`.
     On `ort` and `trt` the UNet is a `TokenLengthEngine`: the engine of the example's prompt
     length now, those of longer prompts when they first come.
     """
+    vae = vae_precision or precision
+
+    def precision_of(component: str) -> str:
+        return vae if component in (VAE_ENCODER, VAE_DECODER) else precision
+
     if backend == "torch":
-        dtype = torch.float16 if precision == "fp16" else torch.float32
-        return {n.component: TorchEngine(n.component, n.module, max_batch, device, dtype) for n in networks}
+        dtypes = {"fp16": torch.float16, "fp32": torch.float32}
+        return {
+            n.component: TorchEngine(n.component, n.module, max_batch, device, dtypes[precision_of(n.component)])
+            for n in networks
+        }
     from vlrt.export.cache import EngineCache
     from vlrt.export.manifest import model_hash, structure_hash
 
@@ -134,7 +171,7 @@ def build_engines(
 
         def engine(tokens: int | None, net: Network = net, hashes: tuple[str, str] = hashes) -> Engine:
             sized = net if tokens is None else with_tokens(net, tokens)
-            return _cached_engine(cache, sized, hashes, backend, device, max_batch, precision, log)
+            return _cached_engine(cache, sized, hashes, backend, device, max_batch, precision_of(net.component), log)
 
         if net.component == UNET:
             tokens = int(net.example["encoder_hidden_states"].shape[1])
@@ -181,45 +218,104 @@ def _cached_engine(
         how = f"re-weighting {base.name} into" if base is not None else "building"
         log(f"vlrt: {how} the {net.component} engine ({backend}, {precision}, {height}×{width}, batch ≤ {max_batch}) "
             f"{cache.folder(net.component, key)}")
-    build_plan = None
+    reweighted: list[bool] = []  # the ONNX builder's outcome: True when it re-weighted base's graph
+    built: list[Path] = []  # the plans built or refitted in this call
+    make_plan = None
     if backend == "trt":
-        build_plan = _plan_builder(net.component, max_batch)
-        if base is not None and plan_mismatch(read_manifest(base) or {}, key, base) is None:
-            build_plan = _refitter(base / PLAN_FILE)
-    folder = cache.find_or_build(net.component, key, _onnx_builder(net, precision, base), build_plan)
-    return _load(backend, net.component, folder, max_batch, device)
+        from vlrt.engines.trt_engine import refit_supported
+
+        refit_from = None
+        if (
+            net.component == UNET  # the only plan built refittable
+            and base is not None
+            and refit_supported(key.trt.tensorrt)
+            and plan_mismatch(read_manifest(base) or {}, key, base) is None
+        ):
+            refit_from = base / PLAN_FILE
+        timing = cache.root / f".timing-trt{key.trt.tensorrt}-sm{key.trt.compute_capability}.cache"
+        make_plan = _plan_maker(net.component, max_batch, timing, refit_from, reweighted, built, log)
+    folder = cache.find_or_build(net.component, key, _onnx_builder(net, precision, base, reweighted), make_plan)
+    engine = _load(backend, net.component, folder, max_batch, device)
+    if built:
+        try:
+            check_engine(engine, net)
+        except VlrtError:
+            shutil.rmtree(folder, ignore_errors=True)  # never found and used by a later run
+            raise
+    return engine
 
 
-def _onnx_builder(net: Network, precision: str, base: Path | None) -> Callable[[Path], None]:
-    """Writes model.onnx into a folder: re-weighted from `base` where its graph allows, else exported."""
+def _onnx_builder(net: Network, precision: str, base: Path | None, reweighted: list[bool]) -> Callable[[Path], None]:
+    """Writes model.onnx into a folder: re-weighted from `base` where its graph allows, else exported.
+    Appends to `reweighted` whether it re-weighted."""
     from vlrt.export.manifest import ONNX_FILE
     from vlrt.export.onnx_export import export_onnx
     from vlrt.export.reweight import reweight_onnx
 
     def build(folder: Path) -> None:
-        if base is None or not reweight_onnx(base / ONNX_FILE, net.module, folder / ONNX_FILE, precision):
+        done = base is not None and reweight_onnx(base / ONNX_FILE, net.module, folder / ONNX_FILE, precision)
+        if not done:
             export_onnx(net.component, net.module, net.example, folder / ONNX_FILE, precision=precision)
+        reweighted.append(done)
 
     return build
+
+
+def _plan_maker(
+    component: str,
+    max_batch: int,
+    timing_cache: Path,
+    refit_from: Path | None,
+    reweighted: list[bool],
+    built: list[Path],
+    log: Callable[[str], None],
+) -> Callable[[Path, Path], None]:
+    """Writes a plan for an ONNX file: `refit_from` refitted when the ONNX was re-weighted from
+    its graph (seconds), else, or when the refit fails, a build (minutes)."""
+    from vlrt.engines.trt_engine import refit_unet
+    from vlrt.export.trt_build import build_plan
+
+    def make(onnx_path: Path, plan_path: Path) -> None:
+        built.append(plan_path)
+        if refit_from is not None and reweighted and reweighted[-1]:
+            try:
+                refit_unet(refit_from, onnx_path, plan_path)
+                return
+            except VlrtError as err:
+                log(f"vlrt: cannot refit {refit_from} ({err}); building the plan instead")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the builder allocates outside torch's allocator
+        build_plan(component, onnx_path, plan_path, max_batch=max_batch, timing_cache=timing_cache)
+
+    return make
+
+
+def check_engine(engine: Engine, net: Network, tolerance: float = 0.1) -> None:
+    """Refuse an engine that computes something else than torch on random inputs (two rows): a
+    freshly built fp16 plan can overflow or be miscompiled, and its frames would feed the next pass.
+
+    The bound is loose (a fraction of the output's range) because fp16 plans round; it catches
+    garbage, not rounding.
+    """
+    param = next(net.module.parameters())
+    feed = {k: torch.cat([v, torch.randn_like(v) if k != "timestep" else v * 0.5]) for k, v in net.example.items()}
+    with torch.inference_mode():
+        want = net.module(**{k: v.to(param.device, torch.float32 if k == "timestep" else param.dtype) for k, v in feed.items()})
+    (got,) = engine(**{k: v.to(engine.device) for k, v in feed.items()}).values()
+    want = want.float().to(got.device)
+    diff = (got - want).abs().max().item()
+    if not diff <= tolerance * max(want.abs().max().item(), 1e-6):
+        path = getattr(engine, "path", engine.component)
+        raise VlrtError(
+            f"the freshly built {engine.component} engine {path} ({engine.backend}) differs from torch by {diff:.3g} "
+            f"(outputs up to {want.abs().max().item():.3g}); run with --precision fp32 or --backend torch, and report it"
+        )
 
 
 def _pixel_size(net: Network) -> tuple[int, int]:
     """The resolution recorded in the cache key: the network's own input size."""
     first = next(iter(net.example.values()))
     return int(first.shape[-2]), int(first.shape[-1])
-
-
-def _plan_builder(component: str, max_batch: int) -> Callable[[Path, Path], None]:
-    from vlrt.export.trt_build import build_plan
-
-    return lambda onnx_path, plan_path: build_plan(component, onnx_path, plan_path, max_batch=max_batch)
-
-
-def _refitter(base_plan: Path) -> Callable[[Path, Path], None]:
-    """A plan for a re-weighted ONNX: the refittable plan of the same graph, refitted (seconds, not minutes)."""
-    from vlrt.engines.trt_engine import refit_unet
-
-    return lambda onnx_path, plan_path: refit_unet(base_plan, onnx_path, plan_path)
 
 
 def _load(backend: str, component: str, folder: Path, max_batch: int, device: torch.device) -> Engine:
@@ -244,21 +340,34 @@ def open_engines(
     precision: str,
     engines_dir: Path,
     log: Callable[[str], None],
+    vae_precision: str = "auto",
 ) -> EngineSet:
     """The engines of one run: SD's networks when there is a model, FastDVDnet's blocks when asked."""
-    backend = resolve_backend(backend, device)
+    backend = resolve_backend(backend, device, log)
     networks = []
     if model is not None:
         networks += sd_networks(model, height, width)
     if denoiser is not None:
         networks += fastdvdnet_networks(denoiser, height, width)
+    precision = precision_for(backend, device, precision)
     engines = build_engines(
         networks,
         backend,
         device=device,
         max_batch=max_batch,
-        precision=precision_for(backend, device, precision),
+        precision=precision,
         engines_dir=engines_dir,
         log=log,
+        vae_precision=vae_precision_for(device, vae_precision, precision),
     )
+    if backend != "torch" and device.type == "cuda":
+        _leave_gpu([n.module for n in networks])
     return EngineSet(**engines)
+
+
+def _leave_gpu(modules: list[nn.Module]) -> None:
+    """Move the torch modules that engines now stand for off the GPU: their weights would take
+    the memory the engines' activations need (engines of longer prompts are exported from them on the CPU)."""
+    for module in modules:
+        module.to("cpu")
+    torch.cuda.empty_cache()

@@ -383,6 +383,7 @@ def _engines(
         precision=settings.precision,
         engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(),
         log=log,
+        vae_precision=settings.vae_precision,
     )
 
 

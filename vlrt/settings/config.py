@@ -140,6 +140,8 @@ class Settings:
     )
     precision: str = _f("auto", "engine precision: auto (fp16 on GPUs, fp32 on the CPU), fp16, fp32", group=RUN,
                         choices=("auto", "fp16", "fp32"))
+    vae_precision: str = _f("auto", "VAE precision: auto (fp32 on GPUs of 16 GiB or more, else as --precision), fp16, fp32",
+                            group=RUN, choices=("auto", "fp16", "fp32"))
     device: str = _f("auto", "torch device: auto, cpu or cuda", group=RUN)
     max_batch: int = _f(8, "most UNet rows per engine call; 1 turns batching off", group=RUN)
     engines: str = _f("", "engine cache folder (default: $VLRT_ENGINES, the checkout's engines/, or ~/.cache/vlrt/engines)", group=RUN)

@@ -20,7 +20,6 @@ from vlrt import __version__
 
 ENCODERS = ("libx264", "libx264rgb", "ffv1", "libvpx-vp9", "aac")
 FFMPEG_LIBRARIES = ("libavcodec", "libavformat", "libavutil")
-TRT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com tensorrt polygraphy"
 LABEL_WIDTH = 14
 
 
@@ -101,15 +100,24 @@ def _onnxruntime(found: Findings) -> list[str]:
 
 
 def _tensorrt(found: Findings) -> list[str]:
+    """TensorRT counts only when a runtime starts on the GPU (importing it proves little), and
+    polygraphy only from 0.49.1."""
+    from vlrt.engines.trt_engine import polygraphy_problem, runtime_problem
+
     trt, why = _import("tensorrt")
     if trt is None:
         trt_line = _line("TensorRT", f"not installed (import tensorrt: {why})")
     else:
-        found.trt = True
-        trt_line = _line("TensorRT", str(getattr(trt, "__version__", "importable, version unknown")))
+        version = str(getattr(trt, "__version__", "importable, version unknown"))
+        problem = runtime_problem(trt) if found.cuda else "no CUDA GPU to run it on"
+        found.trt = problem is None
+        trt_line = _line("TensorRT", version if problem is None else f"{version}, unusable: {problem}")
     polygraphy, _ = _import("polygraphy")
+    problem = polygraphy_problem() if polygraphy is not None else None
     if polygraphy is None:
         poly_line = _line("polygraphy", "not installed (builds TensorRT plans)")
+    elif problem is not None:
+        poly_line = _line("polygraphy", f"{problem}: pip install -U polygraphy")
     else:
         found.polygraphy = True
         poly_line = _line("polygraphy", str(getattr(polygraphy, "__version__", "installed")))
@@ -160,26 +168,30 @@ def _engine_cache(root: Path) -> list[str]:
 
 
 def advice(found: Findings) -> list[str]:
-    """The fastest backend this machine can run, and what to install for a faster one."""
+    """The fastest backend this machine can run, and what to install for a faster one (TensorRT's
+    wheel for torch's CUDA version)."""
     if not found.torch:
         return ["fastest backend here: none: vlrt needs torch (pip install torch)"]
+    from vlrt.engines.trt_engine import install_command
+
+    trt_install = install_command()
     if found.cuda and found.trt:
         lines = [f"fastest backend here: --backend trt (TensorRT on {found.gpu_names[0]}; auto picks it)"]
         if not found.polygraphy:
-            lines.append("to build new TensorRT plans: pip install polygraphy")
+            lines.append("to build new TensorRT plans: pip install -U polygraphy (0.49.1 or later)")
         return lines
     if found.cuda:
         other = " (or --backend ort: its CUDA provider is installed)" if found.ort_cuda else ""
         return [
             f"fastest backend here: --backend torch on the GPU{other}",
-            f"for a faster one: TensorRT: {TRT_INSTALL}; then --backend trt",
+            f"for a faster one: TensorRT: {trt_install}; then --backend trt",
         ]
     first = (
         "fastest backend here: CPU only: --backend ort is the fastest CPU path"
         if found.ort
         else "fastest backend here: CPU only: --backend torch (pip install onnxruntime for the faster --backend ort)"
     )
-    return [first, f"for a faster one: an NVIDIA GPU with a CUDA build of torch, then TensorRT: {TRT_INSTALL}"]
+    return [first, f"for a faster one: an NVIDIA GPU with a CUDA build of torch, then TensorRT: {trt_install}"]
 
 
 def _guarded(label: str, probe: Callable[[], list[str]]) -> list[str]:
