@@ -122,6 +122,38 @@ def test_batched_trajectories_equal_diffusers(name: str, prediction: str, extra:
         assert _max_diff(got["latents"], ref["latents"]) <= 1e-5, f"job {b}"
 
 
+def test_add_noise_and_scale_model_input_mix_samplers_and_positions():
+    """One call over rows of all six samplers, each after its own number of steps: the init latents
+    noised there as the scheduler's `add_noise` does (inpainting's kept latents), the UNet input as
+    its `scale_model_input`, and the timestep."""
+    config = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+    steps, strength = 8, 0.75
+    trajs, at, noised, before, scaled, times = [], [], [], [], [], []
+    for b, name in enumerate(BATCHED):
+        taken = b % 4
+        init, noise = _start(b)
+        scheduler = make_scheduler(name, config, steps)
+        t_start = steps - int(steps * strength)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start)
+        latents, timesteps = init, scheduler.timesteps[t_start:]
+        for t in timesteps[:taken]:
+            x = scheduler.scale_model_input(latents, t)
+            gen = torch.Generator().manual_seed(b)
+            latents = scheduler.step(model(x, t[None]), t, latents, generator=gen, return_dict=False)[0]
+        noised.append(scheduler.add_noise(init, noise, timesteps[taken : taken + 1]))
+        before.append(latents)
+        scaled.append(scheduler.scale_model_input(latents, timesteps[taken]))
+        times.append(float(timesteps[taken]))
+        trajs.append(ss.plan(name, config, steps, strength, torch.device("cpu")))
+        trajs[-1].index = taken
+        at.append(taken)
+    init, noise = (torch.cat(parts) for parts in zip(*(_start(b) for b in range(len(BATCHED)))))
+    assert _max_diff([ss.add_noise(trajs, init, noise, at)], [torch.cat(noised)]) <= 1e-5
+    assert _max_diff([ss.scale_model_input(trajs, torch.cat(before))], [torch.cat(scaled)]) <= 1e-5
+    assert ss.model_timesteps(trajs, torch.device("cpu")).tolist() == times
+
+
 def test_trajectory_follows_the_img2img_schedule():
     """timesteps and needs_noise read from diffusers' own scheduler and the pipeline's t_start rule."""
     traj = ss.plan("LCM", SCHEDULER_CONFIG, 8, 0.5, torch.device("cpu"))
@@ -155,3 +187,12 @@ def test_step_refuses_mixed_rules_and_missing_noise():
     with pytest.raises(ValueError, match="need fresh noise"):
         ss.step([ancestral], sample[:1], sample[:1], None)
     assert euler.index == ddim.index == ancestral.index == 0
+
+
+def test_bench_runs_both_ways_to_the_same_latents():
+    """`vlrt bench samplers` on a tiny batch: both ways end at the same latents for every sampler."""
+    from vlrt.tools.bench import BATCHED_SAMPLERS, bench_sampler_steps
+
+    results = bench_sampler_steps(batch=3, shape=SHAPE, steps=4, repeats=1)
+    assert set(results) == set(BATCHED_SAMPLERS) == set(BATCHED)
+    assert all(r["max_diff"] <= 1e-5 and r["per job"] > 0 and r["batched"] > 0 for r in results.values())

@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.set_defaults(run=_denoise)
 
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
-    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments (default: the first three)")
+    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments, samplers (default: the first three)")
     bench.set_defaults(run=_bench)
 
     from vlrt.tools.doctor import add_doctor_parser
