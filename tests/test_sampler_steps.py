@@ -21,7 +21,7 @@ SHAPE = (4, 8, 8)
 # (steps, strength, seed, round it joins): different lengths, starts and positions in one batch; the
 # 6 × 0.3 job has one step (first and last at once), the 6 × 0.1 job none.
 JOBS = [(6, 0.3, 11, 0), (8, 0.5, 12, 0), (20, 1.0, 13, 1), (8, 0.75, 14, 3), (20, 0.5, 15, 2), (6, 0.1, 16, 0)]
-BATCHED = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "LCM"]
+BATCHED = ["Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DDIM", "LCM"]
 
 _W = torch.randn((SHAPE[0], SHAPE[0]), generator=torch.Generator().manual_seed(0)) * 0.3
 _BIAS = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
@@ -99,6 +99,7 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 PREDICTIONS = ("epsilon", "v_prediction", "sample")  # Euler a has no "sample" rule in diffusers
 VARIANTS = [(name, p, {}) for name in BATCHED for p in PREDICTIONS if (name, p) != ("Euler a", "sample")] + [
     ("DPM++ 2M", "epsilon", {"solver_type": "heun"}),
+    ("DPM++ 2M SDE", "v_prediction", {"solver_type": "heun"}),
     ("DPM++ 2M Karras", "epsilon", {"final_sigmas_type": "sigma_min"}),
     ("DPM++ 2M", "epsilon", {"euler_at_final": True, "lower_order_final": False}),
     ("DDIM", "epsilon", {"clip_sample": True, "clip_sample_range": 0.5}),
@@ -123,7 +124,7 @@ def test_batched_trajectories_equal_diffusers(name: str, prediction: str, extra:
 
 
 def test_add_noise_and_scale_model_input_mix_samplers_and_positions():
-    """One call over rows of all six samplers, each after its own number of steps: the init latents
+    """One call over rows of every batched sampler, each after its own number of steps: the init latents
     noised there as the scheduler's `add_noise` does (inpainting's kept latents), the UNet input as
     its `scale_model_input`, and the timestep."""
     config = {**SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
@@ -170,7 +171,7 @@ def test_trajectory_follows_the_img2img_schedule():
 
 
 @pytest.mark.parametrize("name, extra", [
-    ("Heun", {}), ("PLMS", {}), ("UniPC", {}), ("DPM++ 2M SDE", {}),
+    ("Heun", {}), ("PLMS", {}), ("UniPC", {}),
     ("DPM++ 2M", {"thresholding": True}), ("DDIM", {"thresholding": True}), ("Euler a", {"prediction_type": "sample"}),
 ])
 def test_no_batched_rule_gives_none(name: str, extra: dict):

@@ -9,7 +9,8 @@ schedule position, gathered per row into a [B] tensor and broadcast over [B, 1, 
 of a few tensor ops advances every row, each at its own position of its own schedule. The
 update repeats diffusers' arithmetic operation for operation, so trajectories equal diffusers'.
 
-Batched rules exist for Euler, Euler a, DPM++ 2M (and Karras), DDIM and LCM; `plan` returns None
+Batched rules exist for Euler, Euler a, DPM++ 2M, DPM++ 2M SDE (and their Karras forms), DDIM and
+LCM; `plan` returns None
 for other samplers and for configs these rules do not cover (thresholding, learned variance, flow
 sigmas, other solver orders), and the caller keeps a per-job diffusers scheduler for those.
 
@@ -57,7 +58,7 @@ class _Rule:
 
     kind: str  # "euler", "dpm2m", "ddim" or "lcm"
     prediction: str  # epsilon, v_prediction or sample
-    ancestral: bool = False  # Euler a: fresh noise every step
+    noisy: bool = False  # Euler a, DPM++ 2M SDE: fresh noise every step
     clip: float | None = None  # DDIM/LCM clip_sample_range, where clip_sample is on
 
 
@@ -118,18 +119,18 @@ def _rule(scheduler: SchedulerMixin) -> _Rule | None:
     if prediction not in _PREDICTIONS or getattr(config, "thresholding", False):
         return None
     if isinstance(scheduler, EulerAncestralDiscreteScheduler):
-        return None if prediction == "sample" else _Rule("euler", prediction, ancestral=True)
+        return None if prediction == "sample" else _Rule("euler", prediction, noisy=True)
     if isinstance(scheduler, EulerDiscreteScheduler):
         return _Rule("euler", prediction)
     if isinstance(scheduler, DPMSolverMultistepScheduler):
         plain = (
-            config.algorithm_type == "dpmsolver++"
+            config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
             and config.solver_order == 2
             and config.solver_type in ("midpoint", "heun")
             and config.variance_type not in ("learned", "learned_range")
             and not config.use_flow_sigmas
         )
-        return _Rule("dpm2m", prediction) if plain else None
+        return _Rule("dpm2m", prediction, noisy=config.algorithm_type == "sde-dpmsolver++") if plain else None
     if isinstance(scheduler, (DDIMScheduler, LCMScheduler)):
         clip = float(config.clip_sample_range) if config.clip_sample else None
         return _Rule("ddim" if isinstance(scheduler, DDIMScheduler) else "lcm", prediction, clip=clip)
@@ -138,7 +139,7 @@ def _rule(scheduler: SchedulerMixin) -> _Rule | None:
 
 def _euler(s: SchedulerMixin, rule: _Rule) -> dict[str, Any]:
     sigma, sigma_next = s.sigmas[:-1], s.sigmas[1:]
-    if rule.ancestral:
+    if rule.noisy:
         up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
         dt = (sigma_next**2 - up**2) ** 0.5 - sigma
     else:  # no churn: sigma_hat is sigma
@@ -149,30 +150,39 @@ def _euler(s: SchedulerMixin, rule: _Rule) -> dict[str, Any]:
         scale=_floats((sigma**2 + 1) ** 0.5),
         noising=_rows(torch.ones_like(sigma), sigma),
         coefs=_rows(sigma, dt, up, -sigma / (sigma**2 + 1) ** 0.5, sigma**2 + 1),
-        draws=(rule.ancestral,) * n,
+        draws=(rule.noisy,) * n,
     )
 
 
-def _dpm2m(s: DPMSolverMultistepScheduler) -> dict[str, Any]:
+def _dpm2m(s: DPMSolverMultistepScheduler, rule: _Rule) -> dict[str, Any]:
+    """x = A * sample + B * D0 + C * D1 (+ N * noise for SDE), D1 = R * (m0 - m1); where diffusers
+    subtracts a term, B or C holds its negative (a - b * x and a + (-b) * x round alike)."""
     alpha = 1 / ((s.sigmas**2 + 1) ** 0.5)
     sig = s.sigmas * alpha
     lam = torch.log(alpha) - torch.log(sig)
     n = len(s.timesteps)
     h = lam[1:] - lam[:-1]
-    b = alpha[1:] * (torch.exp(-h) - 1.0)
     r = 1.0 / ((lam[1:-1] - lam[:-2]) / h[1:])
-    if s.config.solver_type == "midpoint":
-        c = 0.5 * b[1:]
-    else:  # heun's "+ E * D1" as "- (-E) * D1", the same float result
-        c = -(alpha[2:] * ((torch.exp(-h[1:]) - 1.0) / h[1:] + 1.0))
+    heun = s.config.solver_type == "heun"
+    if rule.noisy:
+        a = sig[1:] / sig[:-1] * torch.exp(-h)
+        b = alpha[1:] * (1 - torch.exp(-2.0 * h))
+        c = alpha[2:] * ((1.0 - torch.exp(-2.0 * h[1:])) / (-2.0 * h[1:]) + 1.0) if heun else 0.5 * b[1:]
+        noise = sig[1:] * torch.sqrt(1.0 - torch.exp(-2 * h))
+    else:
+        a = sig[1:] / sig[:-1]
+        b = alpha[1:] * (torch.exp(-h) - 1.0)
+        c = alpha[2:] * ((torch.exp(-h[1:]) - 1.0) / h[1:] + 1.0) if heun else -(0.5 * b[1:])
+        b = -b
+        noise = torch.zeros_like(a)
     final = s.config.euler_at_final or (s.config.lower_order_final and n < 15) or s.config.final_sigmas_type == "zero"
     return dict(
         scale=(1.0,) * n,
         noising=_rows(alpha[:-1], sig[:-1]),
-        coefs=_rows(alpha[:-1], sig[:-1], sig[1:] / sig[:-1], b),
+        coefs=_rows(alpha[:-1], sig[:-1], a, b, noise),
         second=(None, *_rows(c, r)),
         first_only=tuple(final and i == n - 1 for i in range(n)),
-        draws=(False,) * n,
+        draws=(rule.noisy,) * n,
     )
 
 
@@ -220,10 +230,10 @@ def _schedule(sampler_name: str, config_json: str, steps: int) -> _Schedule | No
     rule = _rule(scheduler)
     if rule is None:
         return None
-    if rule.kind == "euler":
-        tables = _euler(scheduler, rule)
+    if rule.kind in ("euler", "dpm2m"):
+        tables = (_euler if rule.kind == "euler" else _dpm2m)(scheduler, rule)
     else:
-        tables = {"dpm2m": _dpm2m, "ddim": _ddim, "lcm": _lcm}[rule.kind](scheduler)
+        tables = {"ddim": _ddim, "lcm": _lcm}[rule.kind](scheduler)
     n = len(scheduler.timesteps)
     timesteps = scheduler.timesteps.to(torch.float32).cpu()
     return _Schedule(
@@ -317,7 +327,7 @@ def _step_euler(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tenso
     else:
         x0 = out
     prev = sample + (sample - x0) / sigma * dt
-    return prev + noise * up if rule.ancestral else prev
+    return prev + noise * up if rule.noisy else prev
 
 
 def _step_ddim(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -338,19 +348,20 @@ def _step_lcm(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tensor,
     return sa_prev * denoised if noise is None else sa_prev * denoised + sb_prev * noise
 
 
-def _step_dpm2m(trajs: list[Trajectory], out: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """DPM-Solver++(2M): first order on a trajectory's first step and where lower_order_final asks,
-    second order from the previous data prediction elsewhere (its term is zeroed on first-order rows)."""
+def _step_dpm2m(trajs: list[Trajectory], out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+    """DPM-Solver++(2M) and its SDE form: first order on a trajectory's first step and where
+    lower_order_final asks, second order from the previous data prediction elsewhere (its term is
+    zeroed on first-order rows)."""
     rule = trajs[0].schedule.rule
     second = [t.index > 0 and not t.schedule.first_only[t.position] for t in trajs]
     rows = [t.schedule.coefs[t.position] + (t.schedule.second[t.position] if s else (0.0, 0.0)) for t, s in zip(trajs, second)]
-    alpha_s, sigma_s, ratio, b, c, r = _column(rows, sample)
+    alpha_s, sigma_s, a, b, n, c, r = _column(rows, sample)
     m0 = _x0(rule, out, sample, alpha_s, sigma_s)
     m1 = torch.stack([t.previous if s else m0[i] for i, (t, s) in enumerate(zip(trajs, second))])
-    prev = ratio * sample - b * m0 - c * (r * (m0 - m1))
+    prev = a * sample + b * m0 + c * (r * (m0 - m1))
     for t, row in zip(trajs, m0):
         t.previous = row
-    return prev
+    return prev + n * noise if rule.noisy else prev
 
 
 _STEPS = {"euler": _step_euler, "ddim": _step_ddim, "lcm": _step_lcm}
@@ -370,7 +381,7 @@ def step(trajs: list[Trajectory], model_output: torch.Tensor, sample: torch.Tens
     out, sample = model_output.float(), sample.float()
     noise = None if noise is None else noise.float()
     if rule.kind == "dpm2m":
-        prev = _step_dpm2m(trajs, out, sample)
+        prev = _step_dpm2m(trajs, out, sample, noise)
     else:
         coefs = _column([t.schedule.coefs[t.position] for t in trajs], sample)
         prev = _STEPS[rule.kind](rule, coefs, out, sample, noise)

@@ -199,7 +199,7 @@ def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: 
             "load": os.getloadavg()}
 
 
-BATCHED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "LCM")
+BATCHED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DDIM", "LCM")
 
 
 def bench_sampler_steps(batch: int = 16, shape: tuple[int, ...] = (4, 64, 64), steps: int = 20, repeats: int = 3,
