@@ -59,9 +59,10 @@ def diffusers_job(name: str, config: dict, steps: int, strength: float, seed: in
     return record
 
 
-def batched_jobs(name: str, config: dict) -> list[dict]:
-    """The same jobs, every round's active rows advanced by one batched call of each function."""
-    trajs = [ss.plan(name, config, steps, strength, torch.device("cpu")) for steps, strength, _, _ in JOBS]
+def batched_jobs(names: list[str], config: dict) -> list[dict]:
+    """The same jobs (job b with sampler names[b]), every round's active rows advanced by one batched
+    call of each function."""
+    trajs = [ss.plan(name, config, steps, strength, torch.device("cpu")) for name, (steps, strength, _, _) in zip(names, JOBS)]
     generators = [torch.Generator().manual_seed(seed) for _, _, seed, _ in JOBS]
     records = [{"inputs": [], "timesteps": [], "latents": []} for _ in JOBS]
     latents: dict[int, torch.Tensor] = {}
@@ -96,6 +97,19 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((float((x - y).abs().max()) for x, y in zip(a, b)), default=0.0)
 
 
+def _compare(batched: list[dict], names: list[str], config: dict) -> None:
+    for b, (steps, strength, seed, _) in enumerate(JOBS):
+        ref = diffusers_job(names[b], config, steps, strength, seed, *_start(b))
+        got = batched[b]
+        assert len(got["latents"]) == len(ref["latents"]) == min(int(steps * strength), steps)
+        if not ref["latents"]:
+            continue
+        assert got["timesteps"] == ref["timesteps"]
+        assert _max_diff([got["start"]], [ref["start"]]) <= 1e-5
+        assert _max_diff(got["inputs"], ref["inputs"]) <= 1e-5
+        assert _max_diff(got["latents"], ref["latents"]) <= 1e-5, f"job {b}"
+
+
 PREDICTIONS = ("epsilon", "v_prediction", "sample")  # Euler a has no "sample" rule in diffusers
 VARIANTS = [(name, p, {}) for name in BATCHED for p in PREDICTIONS if (name, p) != ("Euler a", "sample")] + [
     ("DPM++ 2M", "epsilon", {"solver_type": "heun"}),
@@ -110,17 +124,15 @@ VARIANTS = [(name, p, {}) for name in BATCHED for p in PREDICTIONS if (name, p) 
 @pytest.mark.parametrize("name, prediction, extra", VARIANTS)
 def test_batched_trajectories_equal_diffusers(name: str, prediction: str, extra: dict):
     config = {**SCHEDULER_CONFIG, "prediction_type": prediction, **extra}
-    batched = batched_jobs(name, config)
-    for b, (steps, strength, seed, _) in enumerate(JOBS):
-        ref = diffusers_job(name, config, steps, strength, seed, *_start(b))
-        got = batched[b]
-        assert len(got["latents"]) == len(ref["latents"]) == min(int(steps * strength), steps)
-        if not ref["latents"]:
-            continue
-        assert got["timesteps"] == ref["timesteps"]
-        assert _max_diff([got["start"]], [ref["start"]]) <= 1e-5
-        assert _max_diff(got["inputs"], ref["inputs"]) <= 1e-5
-        assert _max_diff(got["latents"], ref["latents"]) <= 1e-5, f"job {b}"
+    _compare(batched_jobs([name] * len(JOBS), config), [name] * len(JOBS), config)
+
+
+@pytest.mark.parametrize("family", [("DPM++ 2M", "DPM++ 2M Karras"), ("DPM++ 2M SDE", "DPM++ 2M SDE Karras")])
+def test_karras_and_plain_sigmas_share_a_step(family: tuple[str, str]):
+    names = [family[b % 2] for b in range(len(JOBS))]
+    trajs = [ss.plan(name, SCHEDULER_CONFIG, 8, 0.5, torch.device("cpu")) for name in family]
+    assert trajs[0].group == trajs[1].group
+    _compare(batched_jobs(names, SCHEDULER_CONFIG), names, SCHEDULER_CONFIG)
 
 
 def test_add_noise_and_scale_model_input_mix_samplers_and_positions():
@@ -182,7 +194,7 @@ def test_step_refuses_mixed_rules_and_missing_noise():
     euler = ss.plan("Euler", SCHEDULER_CONFIG, 8, 0.5, torch.device("cpu"))
     ddim = ss.plan("DDIM", SCHEDULER_CONFIG, 8, 0.5, torch.device("cpu"))
     sample = torch.zeros((2, *SHAPE))
-    with pytest.raises(ValueError, match="share its sampler rule"):
+    with pytest.raises(ValueError, match="share its group"):
         ss.step([euler, ddim], sample, sample, None)
     ancestral = ss.plan("Euler a", SCHEDULER_CONFIG, 8, 0.5, torch.device("cpu"))
     with pytest.raises(ValueError, match="need fresh noise"):

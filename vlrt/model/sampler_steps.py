@@ -6,28 +6,43 @@ calls of a dozen small tensor ops each. Here the schedules are still diffusers' 
 runs once per sampler, scheduler config and step count, through `make_scheduler`, and its
 `timesteps`, `sigmas`, `alphas_cumprod` are read back), but each step's scalars are tabulated per
 schedule position, gathered per row into a [B] tensor and broadcast over [B, 1, 1, 1], so one call
-of a few tensor ops advances every row, each at its own position of its own schedule. The
-update repeats diffusers' arithmetic operation for operation, so trajectories equal diffusers'.
+of a few tensor ops advances every row, each at its own position of its own schedule. The update
+repeats diffusers' arithmetic operation for operation, so trajectories equal diffusers' (bit for bit
+in float32 on the CPU, tests/test_sampler_steps.py).
 
 Batched rules exist for Euler, Euler a, DPM++ 2M, DPM++ 2M SDE (and their Karras forms), DDIM and
-LCM; `plan` returns None
-for other samplers and for configs these rules do not cover (thresholding, learned variance, flow
-sigmas, other solver orders), and the caller keeps a per-job diffusers scheduler for those.
+LCM. `plan` returns None for other samplers and for configs these rules do not cover
+(thresholding, learned variance, flow sigmas, Euler a predicting samples): the caller then keeps a
+per-job diffusers scheduler.
 
-How the executor drives a round (rows may join and leave between rounds)::
+The API (a trajectory is one job's schedule and sampler state; rows of a batch are trajectories):
+
+- `plan(sampler_name, scheduler_config, steps, strength, device) -> Trajectory | None`: the img2img
+  schedule of diffusers' `StableDiffusionImg2ImgPipeline` (`t_start = n - min(int(n * strength), n)`,
+  the scheduler's begin index there). `Trajectory.timesteps` (float32, the steps this job runs, as
+  the UNet sees them), `.index` (steps taken), `.done`, `.timestep` (the next one, a float).
+- `add_noise(trajs, init, noise, at=None)`: `init` noised to each row's step `at[b]` (default 0, the
+  img2img start; after k steps, `at=[k]` is what inpainting puts back outside the mask).
+- `scale_model_input(trajs, sample)`, `model_timesteps(trajs, device)`: the UNet's sample and float32 [B] timesteps.
+- `needs_noise(traj)`, `draw_noise(trajs, generators, shape, device)`: whether a row's next step
+  takes fresh noise (Euler a and SDE every step, LCM all but its last) and that noise, drawn from each
+  job's own CPU generator exactly as diffusers' step draws it (zeros on rows that take none).
+- `step(trajs, model_output, sample, noise) -> Tensor`: advances every row by one step.
+
+A round, rows joining and leaving between rounds::
 
     traj = plan(sampler_name, scheduler_config, steps, strength, device)   # per job, once
     latents = add_noise(trajs, init, noise)                                # img2img start
     while rows remain:
-        x = scale_model_input(trajs, latents)                              # UNet input
-        t = model_timesteps(trajs, device)                                 # float32 [B]
-        eps = cfg_mix(unet(x, t, ...))                                     # caller's model
-        fresh = draw_noise(trajs, generators, latents.shape[1:], device)   # the jobs' own CPU generators
-        latents = step(trajs, eps, latents, fresh)                         # every traj advances by one
+        x = scale_model_input(trajs, latents)
+        eps = cfg_mix(unet(x, model_timesteps(trajs, device), ...))       # the caller's model
+        fresh = draw_noise(trajs, generators, latents.shape[1:], device)
+        latents = step(trajs, eps, latents, fresh)
 
-`step` needs all trajectories of one call to share one rule (the caller groups rows by sampler);
-they may differ in step count, strength and position. `add_noise`, `scale_model_input` and
-`model_timesteps` take any mix. All arithmetic is float32.
+`step` needs all trajectories of one call to share `Trajectory.group`: the same sampler family
+(DPM++ 2M with or without Karras sigmas share one) and prediction type; they may differ in step count, strength and
+position. `add_noise`, `scale_model_input` and `model_timesteps` take any mix. Inputs of any float
+dtype are computed in float32 and the results are float32.
 """
 
 from __future__ import annotations
@@ -97,6 +112,11 @@ class Trajectory:
     def position(self) -> int:
         """The position in the full schedule: the scheduler's `step_index`."""
         return self.begin + self.index
+
+    @property
+    def group(self) -> _Rule:
+        """Trajectories with equal groups may share one `step` call."""
+        return self.schedule.rule
 
     @property
     def timestep(self) -> float:
@@ -191,7 +211,7 @@ def _alphas(s: DDIMScheduler | LCMScheduler, t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 0, s.alphas_cumprod[t.clamp(min=0)], s.final_alpha_cumprod)
 
 
-def _ddim(s: DDIMScheduler) -> dict[str, Any]:
+def _ddim(s: DDIMScheduler, rule: _Rule) -> dict[str, Any]:
     t = s.timesteps
     a = s.alphas_cumprod[t]
     a_prev = _alphas(s, t - s.config.num_train_timesteps // s.num_inference_steps)
@@ -205,7 +225,7 @@ def _ddim(s: DDIMScheduler) -> dict[str, Any]:
     )
 
 
-def _lcm(s: LCMScheduler) -> dict[str, Any]:
+def _lcm(s: LCMScheduler, rule: _Rule) -> dict[str, Any]:
     t = s.timesteps
     n = len(t)
     a = s.alphas_cumprod[t]
@@ -224,16 +244,16 @@ def _lcm(s: LCMScheduler) -> dict[str, Any]:
     )
 
 
+_TABLES = {"euler": _euler, "dpm2m": _dpm2m, "ddim": _ddim, "lcm": _lcm}
+
+
 @lru_cache(maxsize=64)
 def _schedule(sampler_name: str, config_json: str, steps: int) -> _Schedule | None:
     scheduler = make_scheduler(sampler_name, json.loads(config_json), steps)
     rule = _rule(scheduler)
     if rule is None:
         return None
-    if rule.kind in ("euler", "dpm2m"):
-        tables = (_euler if rule.kind == "euler" else _dpm2m)(scheduler, rule)
-    else:
-        tables = {"ddim": _ddim, "lcm": _lcm}[rule.kind](scheduler)
+    tables = _TABLES[rule.kind](scheduler, rule)
     n = len(scheduler.timesteps)
     timesteps = scheduler.timesteps.to(torch.float32).cpu()
     return _Schedule(
@@ -263,7 +283,7 @@ def plan(sampler_name: str, scheduler_config: dict[str, Any], steps: int, streng
 
 
 def needs_noise(traj: Trajectory) -> bool:
-    """Whether this trajectory's next step takes fresh noise (Euler a every step, LCM all but its last)."""
+    """Whether this trajectory's next step takes fresh noise (Euler a and SDE every step, LCM all but its last)."""
     return traj.schedule.draws[traj.position]
 
 
@@ -371,9 +391,9 @@ def step(trajs: list[Trajectory], model_output: torch.Tensor, sample: torch.Tens
     """Advance every trajectory one step: row b of `model_output` (the guided prediction) and `sample`
     belong to trajs[b]; `noise` row b is the fresh noise trajs[b] needs (see `draw_noise`), None when
     none needs any. Returns the float32 samples after the step, as the schedulers' `step` would."""
-    rule = trajs[0].schedule.rule
-    if any(t.schedule.rule != rule for t in trajs):
-        raise ValueError("step: every trajectory of one call must share its sampler rule; group rows by sampler")
+    rule = trajs[0].group
+    if any(t.group != rule for t in trajs):
+        raise ValueError("step: every trajectory of one call must share its group (Trajectory.group); group rows by it")
     if any(t.done for t in trajs):
         raise ValueError("step: a trajectory has no step left")
     if noise is None and any(needs_noise(t) for t in trajs):
