@@ -42,7 +42,9 @@ A round, rows joining and leaving between rounds::
 `step` needs all trajectories of one call to share `Trajectory.group`: the same sampler family
 (DPM++ 2M with or without Karras sigmas share one) and prediction type; they may differ in step count, strength and
 position. `add_noise`, `scale_model_input` and `model_timesteps` take any mix. Inputs of any float
-dtype are computed in float32 and the results are float32.
+dtype are computed in float32 and the results are float32. What goes from the host to a GPU (the
+rows' scalars, noise, timesteps) is copied from pinned memory without blocking, so preparing a
+round never waits for the kernels already queued.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class Trajectory:
     def __init__(self, schedule: _Schedule, begin: int, device: torch.device) -> None:
         self.schedule = schedule
         self.begin = begin
-        self.timesteps = schedule.timesteps[begin:].to(device)
+        self.timesteps = _to_device(schedule.timesteps[begin:], device)
         self.index = 0
         self.previous: torch.Tensor | None = None
 
@@ -122,6 +124,14 @@ class Trajectory:
     def timestep(self) -> float:
         """The timestep the UNet sees for the next step."""
         return self.schedule.times[self.position]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. To a GPU through pinned memory without blocking: a plain copy would
+    make the host wait for every kernel already queued, stalling the next round's preparation."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _floats(t: torch.Tensor) -> tuple[float, ...]:
@@ -296,19 +306,19 @@ def draw_noise(trajs: list[Trajectory], generators: list[torch.Generator], shape
     if not any(wanted):
         return None
     rows = [torch.randn(shape, generator=g, dtype=torch.float32) if w else torch.zeros(shape) for w, g in zip(wanted, generators)]
-    return torch.stack(rows).to(device)
+    return _to_device(torch.stack(rows), torch.device(device))
 
 
 def _column(rows: list[tuple[float, ...]], like: torch.Tensor) -> list[torch.Tensor]:
     """Per-row scalars as [B, 1, …] float32 tensors on `like`'s device, one column per scalar."""
-    table = torch.tensor(rows, dtype=torch.float32, device=like.device)
+    table = _to_device(torch.tensor(rows, dtype=torch.float32), like.device)
     shape = (len(rows),) + (1,) * (like.dim() - 1)
     return [c.reshape(shape) for c in table.unbind(1)]
 
 
 def model_timesteps(trajs: list[Trajectory], device: torch.device) -> torch.Tensor:
     """Each row's timestep for the UNet, float32 [B]."""
-    return torch.tensor([t.timestep for t in trajs], dtype=torch.float32, device=device)
+    return _to_device(torch.tensor([t.timestep for t in trajs], dtype=torch.float32), torch.device(device))
 
 
 def add_noise(trajs: list[Trajectory], init: torch.Tensor, noise: torch.Tensor, at: list[int] | None = None) -> torch.Tensor:
