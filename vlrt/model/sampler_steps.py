@@ -348,7 +348,9 @@ def _clip(rule: _Rule, x0: torch.Tensor) -> torch.Tensor:
     return x0 if rule.clip is None else x0.clamp(-rule.clip, rule.clip)
 
 
-def _step_euler(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+def _step_euler(
+    rule: _Rule, coefs: list[torch.Tensor], out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None
+) -> torch.Tensor:
     sigma, dt, up, v_out, v_skip = coefs
     if rule.prediction == "epsilon":
         x0 = sample - sigma * out
@@ -360,7 +362,9 @@ def _step_euler(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tenso
     return prev + noise * up if rule.noisy else prev
 
 
-def _step_ddim(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+def _step_ddim(
+    rule: _Rule, coefs: list[torch.Tensor], out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None
+) -> torch.Tensor:
     sa, sb, sa_prev, direction = coefs
     x0 = _x0(rule, out, sample, sa, sb)
     if rule.prediction == "epsilon":
@@ -372,7 +376,9 @@ def _step_ddim(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tensor
     return sa_prev * _clip(rule, x0) + direction * eps
 
 
-def _step_lcm(rule: _Rule, coefs: list, out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+def _step_lcm(
+    rule: _Rule, coefs: list[torch.Tensor], out: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor | None
+) -> torch.Tensor:
     sa, sb, c_skip, c_out, sa_prev, sb_prev = coefs
     denoised = c_out * _clip(rule, _x0(rule, out, sample, sa, sb)) + c_skip * sample
     return sa_prev * denoised if noise is None else sa_prev * denoised + sb_prev * noise
