@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vlrt.demo.train import SCHEDULER_CONFIG
+from vlrt.errors import VlrtError
 from vlrt.model import sampler_steps as ss
 from vlrt.model.samplers import make_scheduler
 
@@ -188,6 +189,11 @@ def test_trajectory_follows_the_img2img_schedule():
 ])
 def test_no_batched_rule_gives_none(name: str, extra: dict):
     assert ss.plan(name, {**SCHEDULER_CONFIG, **extra}, 8, 0.5, torch.device("cpu")) is None
+
+
+def test_unknown_sampler_is_a_user_error():
+    with pytest.raises(VlrtError, match="unknown sampler_name 'Euler b'"):
+        ss.plan("Euler b", SCHEDULER_CONFIG, 8, 0.5, torch.device("cpu"))
 
 
 def test_step_refuses_mixed_rules_and_missing_noise():
