@@ -201,6 +201,64 @@ def bench_segments(frames: int = 48, size: tuple[int, int] = (64, 64), repeats: 
             "load": os.getloadavg()}
 
 
+BATCHED_SAMPLERS = ("Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DDIM", "LCM")
+
+
+def bench_sampler_steps(batch: int = 16, shape: tuple[int, ...] = (4, 64, 64), steps: int = 20, repeats: int = 3,
+                        device: str = "cpu", samplers: tuple[str, ...] = BATCHED_SAMPLERS) -> dict[str, dict]:
+    """Seconds per round of `batch` img2img rows (strength 1, `steps` rounds: a whole trajectory) for
+    scale_model_input + noise draws + step: diffusers' schedulers one job at a time against
+    `vlrt.model.sampler_steps` on the whole batch; the model output is a fixed tensor, so only the
+    samplers' own work counts. Alternated, best of `repeats`; also the largest difference of the two."""
+    from vlrt.demo.train import SCHEDULER_CONFIG
+    from vlrt.model import sampler_steps
+    from vlrt.model.samplers import make_scheduler
+
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn((batch, *shape), generator=g).to(dev)
+    output = torch.randn((batch, *shape), generator=g).to(dev)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def per_job(name: str) -> torch.Tensor:
+        jobs = [make_scheduler(name, SCHEDULER_CONFIG, steps) for _ in range(batch)]
+        gens = [torch.Generator().manual_seed(b) for b in range(batch)]
+        rows = list(start.split(1))
+        for t in jobs[0].timesteps:
+            for b, scheduler in enumerate(jobs):
+                scheduler.scale_model_input(rows[b], t)
+                rows[b] = scheduler.step(output[b : b + 1], t, rows[b], generator=gens[b], return_dict=False)[0]
+        return torch.cat(rows)
+
+    def batched(name: str) -> torch.Tensor:
+        trajs = [sampler_steps.plan(name, SCHEDULER_CONFIG, steps, 1.0, dev) for _ in range(batch)]
+        gens = [torch.Generator().manual_seed(b) for b in range(batch)]
+        latents = start
+        while not trajs[0].done:
+            sampler_steps.scale_model_input(trajs, latents)
+            noise = sampler_steps.draw_noise(trajs, gens, shape, dev)
+            latents = sampler_steps.step(trajs, output, latents, noise)
+        return latents
+
+    results = {}
+    for name in samplers:
+        best = {"per job": float("inf"), "batched": float("inf")}
+        ends = {}
+        for _ in range(repeats):
+            for label, run in (("per job", per_job), ("batched", batched)):
+                sync()
+                started = time.perf_counter()
+                ends[label] = run(name)
+                sync()
+                best[label] = min(best[label], (time.perf_counter() - started) / steps)
+        diff = float((ends["per job"] - ends["batched"]).abs().max())
+        results[name] = {**best, "ratio": best["per job"] / best["batched"], "max_diff": diff}
+    return results
+
+
 def _pngs(folder: str) -> list:
     from PIL import Image
 
@@ -226,7 +284,7 @@ def bench_demo_1080p(frames: int = 3) -> dict:
     return {"peak_rss_gib": rss / 2**30, "seconds": seconds, "size": size}
 
 
-SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "demo1080", "occupancy")
+SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "demo1080", "samplers", "occupancy")
 
 
 def run(sections: list[str], out: Callable[[str], None] = print, profile: str = "h100", as_json: bool = False) -> None:
@@ -312,6 +370,14 @@ def run(sections: list[str], out: Callable[[str], None] = print, profile: str = 
         rows = [(r.case, f"{r.occupancy:.2f}", f"{r.frames_per_s:.2f}", f"{r.device_bound_frames_per_s:.2f}",
                  f"{r.wall_s:.1f}", f"{r.busy_s:.1f}") for r in results]
         out(table(rows, ("settings", "occupancy", "frames/s", "device-bound frames/s", "wall (s)", "engines busy (s)")))
+        out("")
+    if "samplers" in sections:
+        r = bench_sampler_steps()
+        out(f"## Sampler steps: 16 rows of 4×64×64, 20 steps × 1.0, scale_model_input + noise + step per round "
+            f"({torch.get_num_threads()} threads, CPU)\n")
+        rows = [(name, f"{v['per job'] * 1e3:.2f}", f"{v['batched'] * 1e3:.2f}", f"{v['ratio']:.1f}×", f"{v['max_diff']:.1e}")
+                for name, v in r.items()]
+        out(table(rows, ("sampler", "diffusers per job (ms/round)", "batched (ms/round)", "speed-up", "max abs diff")))
         out("")
     if "soak" in sections:
         soak = ("render", "--model", "demo", "--backend", "torch", "--loop-n", "2", "--steps", "2",
