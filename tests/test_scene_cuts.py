@@ -3,11 +3,11 @@ crosses into the next in the temporal blend."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from conftest import read_frames, write_frames
 
 from vlrt.cli import main

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from itertools import chain
 from fractions import Fraction
+from itertools import chain
 from typing import Any
 
 import av
