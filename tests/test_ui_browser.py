@@ -14,6 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import fields
 from pathlib import Path
 
@@ -89,6 +91,7 @@ def page(work: Path):
         for group in driver.find_elements(By.CSS_SELECTOR, "[id^=group-]"):  # open the closed accordions
             if not group.find_elements(By.CSS_SELECTOR, "[id^=setting-]"):
                 group.find_element(By.TAG_NAME, "button").click()
+                wait_for(lambda g=group: g.find_elements(By.CSS_SELECTOR, "[id^=setting-]"), 30)
         yield driver
     finally:
         driver.quit()
@@ -139,6 +142,14 @@ def tab(driver, name: str) -> None:
 def test_every_setting_is_in_the_page(page) -> None:
     shown = {e.get_attribute("id") for e in page.find_elements(By.CSS_SELECTOR, "[id^=setting-]")}
     assert shown == {f"setting-{f.name}" for f in fields(Settings)}
+
+
+def test_the_page_serves_no_file_it_was_not_given(page, work: Path) -> None:
+    base = page.current_url.rstrip("/")
+    for path in ("/etc/passwd", str(work / "clip.mp4")):  # a system file, and one in the server's folder
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{base}/gradio_api/file={path}", timeout=30)
+        assert refused.value.code == 403  # the route exists (an unknown one is 404) and refuses
 
 
 def test_bad_settings_show_the_command_lines_message_and_start_nothing(page, work: Path) -> None:
@@ -193,7 +204,9 @@ def test_render_matches_the_command_line_and_a_stopped_render_resumes(page, work
     frames, fps = decoded(work / "out.mkv")
     assert fps == expected_fps == 12
     assert len(frames) == FRAMES and all(np.array_equal(a, b) for a, b in zip(frames, expected))
-    assert wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "#video video[src]"), 30)
+    video = wait_for(lambda: page.find_elements(By.CSS_SELECTOR, "#video video[src]"), 30)[0]
+    with urllib.request.urlopen(video.get_attribute("src"), timeout=30) as served:  # a copy of the output
+        assert served.status == 200 and served.read() == (work / "out.mkv").read_bytes()
     assert page.find_elements(By.CSS_SELECTOR, "#plot img")
     assert len(page.find_elements(By.CSS_SELECTOR, "#input-frame img, #output-frame img")) == 2
     if os.environ.get("VLRT_UI_SCREENSHOT"):

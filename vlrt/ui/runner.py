@@ -2,7 +2,9 @@
 
 A render's standard error is a pseudo-terminal, so the child shows the same progress bar as in a
 terminal; this module reads that bar (frames, passes, frames/s, ETA) and the child's messages.
-A stop is SIGINT, the command line's Ctrl-C: finished frames are kept and `--resume` continues.
+A stop is SIGTERM, which `vlrt` handles exactly as Ctrl-C: finished frames are kept and `--resume`
+continues. (SIGINT would not do: a server started in the background of a shell has SIGINT ignored,
+and its children inherit that.)
 """
 
 from __future__ import annotations
@@ -104,9 +106,9 @@ class Child:
         return self.process.poll() is None
 
     def interrupt(self) -> None:
-        """Ctrl-C for the child: it stops cleanly, keeping the finished frames."""
+        """The child's Ctrl-C: it stops cleanly, keeping the finished frames."""
         if self.running:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float | None = None) -> int:
         code = self.process.wait(timeout)
