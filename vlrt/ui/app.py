@@ -8,9 +8,11 @@ before Gradio serves them, so no other file of the machine is ever reachable thr
 from __future__ import annotations
 
 import itertools
+import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,11 +77,15 @@ class Session:
         self.scratch = Path(tempfile.mkdtemp(prefix="vlrt-ui-"))
         self.job: Child | None = None
         self.sweeps: list[tuple[str, list[object]]] = []
+        self._starting = threading.Lock()
 
-    def busy(self) -> str | None:
-        if self.job is not None and self.job.running:
-            return "vlrt: error: a render or preview is running: stop it or wait for it to finish"
-        return None
+    def start(self, argv: list[str]) -> Child:
+        """Run `vlrt ARGV`, unless a render or preview is still running (two clicks never start two)."""
+        with self._starting:
+            if self.job is not None and self.job.running:
+                raise VlrtError("a render or preview is running: stop it or wait for it to finish")
+            self.job = Child(argv)
+            return self.job
 
     def served(self, path: Path) -> str:
         """A copy of `path` in the app's own folder, the only kind of file the page is given."""
@@ -202,20 +208,15 @@ def build(session: Session | None = None) -> gr.Blocks:
             return f"saved {path}"
 
         def render(input_spec: str, output: str, resume: bool, raw: tuple) -> Iterator[list[Any]]:
-            none = [gr.update()] * 6
-            blocked = session.busy()
-            if blocked:
-                yield [blocked, *none]
-                return
             try:
                 settings = check(_values(names, raw))
                 if not input_spec.strip() or not output.strip():
                     raise VlrtError("type an input path (or upload one) and an output path first")
+                argv = ["render", input_spec, "-o", output, *settings_arguments(_values(names, raw)), "--report"]
+                job = session.start([*argv, "--resume"] if resume else argv)
             except VlrtError as exc:
-                yield [_error(exc), *none]
+                yield [_error(exc), *[gr.update()] * 6]
                 return
-            argv = ["render", input_spec, "-o", output, *settings_arguments(_values(names, raw)), "--report"]
-            session.job = job = Child([*argv, "--resume"] if resume else argv)
             subsampling = {"extract_nth_frame": settings.extract_nth_frame, "max_frames": settings.max_frames,
                            "is_continue": settings.is_continue}
             seen = {"done": None, "index": None}
@@ -232,7 +233,7 @@ def build(session: Session | None = None) -> gr.Blocks:
                 seen["index"] = latest[0]
                 return [_frame(input_spec, latest[0], **subsampling), latest[1]]
 
-            yield ["vlrt " + " ".join(job.argv), "starting", None, None, None, None, ""]
+            yield [shlex.join(["vlrt", *job.argv]), "starting", None, None, None, None, ""]
             while job.running:
                 progress = job.progress.describe() if job.progress else "starting"
                 yield [gr.update(), progress, *pictures(False), gr.update(), gr.update(), "\n".join(job.messages)]
@@ -262,9 +263,6 @@ def build(session: Session | None = None) -> gr.Blocks:
             return "stopping: the finished frames are kept"
 
         def on_preview(input_spec: str, frame_text: str, sweep_text: str, *raw: Any) -> list[Any]:
-            blocked = session.busy()
-            if blocked:
-                return [blocked, gr.update()]
             try:
                 check(_values(names, raw))
                 sweep_list = [parse_sweep(line) for line in sweep_text.splitlines() if line.strip()]
@@ -273,18 +271,18 @@ def build(session: Session | None = None) -> gr.Blocks:
                         build_settings(overrides={name: value})  # as vlrt preview checks a sweep before any work
                 if not input_spec.strip():
                     raise VlrtError("type an input path (or upload one) first")
+                grid_path = session.scratch / f"grid-{time.monotonic_ns()}.png"
+                argv = ["preview", input_spec, "-o", str(grid_path), "--frames", frame_text or "0",
+                        *[a for line in sweep_text.splitlines() if line.strip() for a in ("--sweep", line.strip())],
+                        *settings_arguments(_values(names, raw))]
+                job = session.start(argv)
             except VlrtError as exc:
                 return [_error(exc), gr.update()]
-            grid_path = session.scratch / f"grid-{time.monotonic_ns()}.png"
-            argv = ["preview", input_spec, "-o", str(grid_path), "--frames", frame_text or "0",
-                    *[a for line in sweep_text.splitlines() if line.strip() for a in ("--sweep", line.strip())],
-                    *settings_arguments(_values(names, raw))]
-            session.job = job = Child(argv)
             job.wait()
             if not grid_path.is_file():
                 return [job.error() or "vlrt preview wrote no grid", gr.update()]
             session.sweeps = sweep_list
-            return ["vlrt " + " ".join(argv), Image.open(grid_path).convert("RGB")]
+            return [shlex.join(["vlrt", *argv]), Image.open(grid_path).convert("RGB")]
 
         def on_cell(picture: Image.Image | None, event: gr.SelectData) -> list[Any]:
             combos = list(itertools.product(*[v for _, v in session.sweeps]))
