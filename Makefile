@@ -18,7 +18,7 @@ $(BIN)/vlrt: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test,ray]"
+	$(BIN)/pip install -q -e ".[test,ray,ui]"
 	$(BIN)/pip install -q --no-deps "$(CLIP_VOCAB)"
 	touch $(BIN)/vlrt
 

@@ -31,6 +31,7 @@ RANKS: dict[str, int] = {
     "vlrt.render": 9,
     "vlrt.scale": 10,
     "vlrt.tools": 11,
+    "vlrt.ui": 11,
     "vlrt.cli": 12,
     "vlrt.__main__": 12,
 }

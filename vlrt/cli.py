@@ -217,6 +217,17 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ui(args: argparse.Namespace) -> int:
+    try:
+        from vlrt.ui.app import serve
+    except ModuleNotFoundError as exc:
+        if exc.name != "gradio":
+            raise
+        raise VlrtError("vlrt ui needs Gradio: pip install 'vlrt[ui]' (or make setup)") from None
+    serve(args.host, args.port)
+    return 0
+
+
 def _log(args: argparse.Namespace):
     return (lambda message: None) if args.quiet else (lambda message: print(message, file=sys.stderr, flush=True))
 
@@ -293,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="occupancy: the modelled GPU's engine times (default h100)")
     bench.add_argument("--json", action="store_true", help="occupancy: print one JSON object per case instead of a table")
     bench.set_defaults(run=_bench)
+
+    ui = commands.add_parser("ui", help="the extension's panel in a browser: tune, preview and run renders (needs vlrt[ui])")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default: loopback only; any other lets whoever reaches it render and read files)")
+    ui.add_argument("--port", type=int, default=7860, help="port to listen on (default: 7860)")
+    ui.set_defaults(run=_ui)
 
     from vlrt.tools.doctor import add_doctor_parser
     from vlrt.tools.report import add_report_parser
