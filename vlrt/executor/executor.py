@@ -15,14 +15,17 @@ from collections import defaultdict
 import torch
 
 from vlrt.engines.base import EngineSet
+from vlrt.executor.control import ControlRunner
 from vlrt.executor.jobs import Img2ImgJob, Phase
 
 
 class Executor:
     """Owns the engines; advances submitted jobs in batches."""
 
-    def __init__(self, engines: EngineSet) -> None:
+    def __init__(self, engines: EngineSet, control: ControlRunner | None = None) -> None:
+        """With `control`, the UNet engine takes ControlNet residuals, which `control` computes per round."""
         self.engines = engines
+        self.control = control
         self.jobs: list[Img2ImgJob] = []
 
     def submit(self, job: Img2ImgJob) -> None:
@@ -59,11 +62,14 @@ class Executor:
     def _denoise(self, jobs: list[Img2ImgJob]) -> None:
         for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), tuple(j.cond.shape))):
             inputs = [j.unet_input() for j in group]
-            pred = self.engines.unet(
+            feed = dict(
                 sample=torch.cat([i[0] for i in inputs]),
                 timestep=torch.cat([i[1] for i in inputs]),
                 encoder_hidden_states=torch.cat([i[2] for i in inputs]),
-            )["noise_pred"]
+            )
+            if self.control is not None:
+                feed.update(self.control.residuals(group, **feed))
+            pred = self.engines.unet(**feed)["noise_pred"]
             start = 0
             for job in group:
                 job.take_noise_pred(pred[start : start + job.rows])

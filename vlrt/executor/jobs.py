@@ -17,6 +17,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from vlrt.executor.control import ControlInput
 from vlrt.executor.noise import generator, variation_noise
 from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
 
@@ -57,8 +58,10 @@ class Img2ImgJob:
         shift_factor: float = 0.0,
         latent_mask: np.ndarray | None = None,
         fill: str = ORIGINAL,
+        control: tuple[ControlInput, ...] = (),
     ) -> None:
-        """`latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
+        """`control` holds the job's ControlNet units (vlrt.executor.control), in unit order.
+        `latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
         latents start from (see `vlrt.image.inpaint`)."""
         self.image = image
@@ -79,6 +82,7 @@ class Img2ImgJob:
         self.step_kwargs = {"generator": self.generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         self.edit = None if latent_mask is None else torch.from_numpy(latent_mask)[None, None]
         self.fill = fill
+        self.control = control
         self.init_latents: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
         self.index = 0

@@ -21,18 +21,23 @@ import torch
 from torch import nn
 
 from vlrt.engines.base import (
+    CONTROLNET,
     FASTDVDNET_BLOCK1,
     FASTDVDNET_BLOCK2,
     UNET,
+    UNET_CONTROL,
     VAE_DECODER,
     VAE_ENCODER,
     Engine,
     EngineSet,
+    control_names,
+    residual_names,
 )
-from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
+from vlrt.engines.modules import ControlNetModule, UNetControlModule, UNetModule, VaeDecoderModule, VaeEncoderModule
 from vlrt.engines.token_lengths import TokenLengthEngine
 from vlrt.engines.torch_engine import TorchEngine
 from vlrt.errors import VlrtError
+from vlrt.model.controlnet import residual_shapes
 from vlrt.model.loading import Model
 from vlrt.model.prompt_embeddings import CHUNK_LENGTH
 
@@ -57,6 +62,7 @@ class Network:
     component: str
     module: nn.Module
     example: dict[str, torch.Tensor]
+    names: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (inputs, outputs) where not the component's own
 
 
 def sd_networks(model: Model, height: int, width: int) -> list[Network]:
@@ -76,6 +82,21 @@ def sd_networks(model: Model, height: int, width: int) -> list[Network]:
         ),
         Network(VAE_ENCODER, VaeEncoderModule(model.vae), {"image": torch.rand(1, 3, height, width) * 2 - 1}),
         Network(VAE_DECODER, VaeDecoderModule(model.vae), {"latent": torch.randn(1, c, h, w)}),
+    ]
+
+
+def control_networks(model: Model, controlnets: list[nn.Module], height: int, width: int) -> list[Network]:
+    """The UNet that takes ControlNet residuals, then each ControlNet, at this resolution."""
+    unet = sd_networks(model, height, width)[0].example
+    shapes = residual_shapes(model, height, width)
+    residuals = {name: torch.randn(1, *shape) for name, shape in zip(residual_names(len(shapes)), shapes)}
+    control = {"controlnet_cond": torch.rand(1, 3, height, width), "conditioning_scale": torch.ones(1, len(shapes))}
+    return [
+        Network(UNET_CONTROL, UNetControlModule(model.unet), {**unet, **residuals}, control_names(UNET_CONTROL, len(shapes))),
+        *(
+            Network(CONTROLNET, ControlNetModule(c), {**unet, **control}, control_names(CONTROLNET, len(shapes)))
+            for c in controlnets
+        ),
     ]
 
 
@@ -123,7 +144,7 @@ def build_engines(
     """
     if backend == "torch":
         dtype = torch.float16 if precision == "fp16" else torch.float32
-        return {n.component: TorchEngine(n.component, n.module, max_batch, device, dtype) for n in networks}
+        return {n.component: TorchEngine(n.component, n.module, max_batch, device, dtype, n.names) for n in networks}
     from vlrt.export.cache import EngineCache
     from vlrt.export.manifest import model_hash, structure_hash
 
@@ -238,6 +259,7 @@ def open_engines(
     model: Model | None,
     denoiser: nn.Module | None,
     device: torch.device,
+    controlnets: list[nn.Module] | None = None,
     height: int,
     width: int,
     max_batch: int,
@@ -245,20 +267,25 @@ def open_engines(
     engines_dir: Path,
     log: Callable[[str], None],
 ) -> EngineSet:
-    """The engines of one run: SD's networks when there is a model, FastDVDnet's blocks when asked."""
+    """The engines of one run: SD's networks when there is a model, FastDVDnet's blocks when asked;
+    with `controlnets`, a UNet that takes their residuals and one engine per ControlNet."""
     backend = resolve_backend(backend, device)
     networks = []
     if model is not None:
         networks += sd_networks(model, height, width)
     if denoiser is not None:
         networks += fastdvdnet_networks(denoiser, height, width)
-    engines = build_engines(
-        networks,
-        backend,
-        device=device,
-        max_batch=max_batch,
-        precision=precision_for(backend, device, precision),
-        engines_dir=engines_dir,
-        log=log,
-    )
-    return EngineSet(**engines)
+    control = control_networks(model, controlnets, height, width) if model is not None and controlnets else []
+    if control:
+        networks = [control[0], *networks[1:]]
+
+    def build(nets: list[Network]) -> dict[str, Engine]:
+        return build_engines(
+            nets, backend, device=device, max_batch=max_batch, precision=precision_for(backend, device, precision),
+            engines_dir=engines_dir, log=log,
+        )
+
+    engines = build(networks)
+    if control:
+        engines[UNET] = engines.pop(UNET_CONTROL)
+    return EngineSet(**engines, controlnets=tuple(build([net])[CONTROLNET] for net in control[1:]))

@@ -9,7 +9,8 @@ input frame, and travels with it in `Frame.meta` (`Frame.with_image` keeps meta)
 - "reference": the frame's picture in every reference folder, at render size, for the
   difference-mask temporal method (the original frame itself when no folder is given);
 - "prompts": the (prompt, negative prompt) of `<frame>.txt`, with `read_prompt_from_txt`;
-- "color_anchor": the colour distribution the SD results are matched to (`color_correction`).
+- "color_anchor": the colour distribution the SD results are matched to (`color_correction`);
+- "control": the frame's ControlNet control map of every unit (`vlrt.render.control_images`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from vlrt.image.resize import resize_frame, resize_plane
 from vlrt.image.temporal_diff import DIFFERENCE_METHOD, reference_lists
 from vlrt.io.images import read_image
 from vlrt.io.sources import SourceInfo
+from vlrt.render.control_images import ControlImages
 from vlrt.settings.config import Settings
 from vlrt.settings.prompt_files import read_prompt_file
 
@@ -55,6 +57,7 @@ class Preparer:
                 "read_prompt_from_txt needs an image-folder input (the prompt files sit beside the frames): "
                 "extract the frames into a folder, or turn it off"
             )
+        self.control = ControlImages(settings, exact_count, width, height) if settings.controlnet else None
         self.first_anchor: ColorAnchor | None = None
 
     def frames(self, frames: Iterator[Frame], first: int = 0) -> Iterator[Frame]:
@@ -73,6 +76,8 @@ class Preparer:
             meta["mask"] = invert_mask(mask) if self.settings.inpainting_mask_invert else mask
         if self.uses_references:
             meta["reference"] = self._references(frame)
+        if self.control is not None:
+            meta["control"] = self.control(frame)
         if self.settings.read_prompt_from_txt:
             meta["prompts"] = read_prompt_file(meta["path"])
         if self.settings.color_correction == ORIGINAL:

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from vlrt.errors import VlrtError
+from vlrt.executor.control import control_inputs
 from vlrt.executor.executor import Executor
 from vlrt.executor.jobs import Img2ImgJob
 from vlrt.frames import Frame
@@ -117,7 +118,7 @@ class LoopPass(Stage):
             if mask is not None:
                 init = composite(init, frame.image, mask)  # the temporal blend acts inside the mask only
                 plan = plan_inpaint(init, mask, self.inpaint, self.model.vae_scale_factor)
-            jobs = self._jobs(init if plan is None else plan.sd_image, params, plan)
+            jobs = self._jobs(init if plan is None else plan.sd_image, params, plan, frame.meta.get("control", ()))
         for job in jobs:
             self.executor.submit(job)
         self.requests[f] = _Request(params, jobs, plan)
@@ -136,8 +137,11 @@ class LoopPass(Stage):
             return diff_mask_blend(frames, refs, slot_weights, offsets.index(0), self.rounding)
         return blend.temporal_simple(frames, slot_weights, offsets.index(0), self.rounding)
 
-    def _jobs(self, init: np.ndarray, params: FrameParams, plan: InpaintPlan | None) -> list[Img2ImgJob]:
+    def _jobs(
+        self, init: np.ndarray, params: FrameParams, plan: InpaintPlan | None, control_maps: tuple[np.ndarray, ...]
+    ) -> list[Img2ImgJob]:
         cond, uncond = self.model.encode_pair(params.prompt, params.negative_prompt)
+        control = control_inputs(self.settings.controlnet, [m if plan is None else plan.sd_view(m) for m in control_maps])
         return [
             Img2ImgJob(
                 init,
@@ -153,6 +157,7 @@ class LoopPass(Stage):
                 shift_factor=self.model.shift_factor,
                 latent_mask=None if plan is None else plan.latent_mask,
                 fill=self.inpaint.inpainting_fill,
+                control=control,
             )
             for seed, subseed in params.sample_seeds()
         ]
