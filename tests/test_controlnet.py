@@ -79,3 +79,98 @@ def test_two_units_from_reference_folders_equal_multicontrolnet(demo_model, cont
             generator=torch.Generator("cpu").manual_seed(4321),
         ).images[0]
         assert _max_diff(frame_out, np.asarray(expected)) <= 2
+
+
+def _sd2_controlnet_file(folder) -> str:
+    """The keys by which an original-layout SD 2.x ControlNet file is recognised (cross-attention width 1024)."""
+    from safetensors.torch import save_file
+
+    path = folder / "control_v11p_sd21_openpose.safetensors"
+    save_file({
+        "control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3),
+        "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(320, 1024),
+    }, str(path))
+    return str(path)
+
+
+def _reference(folder, frames: int) -> str:
+    return str(write_frames(folder / "ref", sample_frames(frames, (32, 32))))
+
+
+BAD_UNITS = [
+    ("missing model file", lambda d, t: [f"model={t / 'control_sd15_canny.pth'}"], "control_sd15_canny.pth"),
+    ("SD 2 ControlNet on another model", lambda d, t: [_sd2_controlnet_file(t)], "is for SD 2.x"),
+    ("unknown module", lambda d, t: [f"model={d},module=cany"], "unknown ControlNet module 'cany'"),
+    ("module needing an annotator", lambda d, t: [f"model={d},module=openpose"], "precompute the control maps"),
+    ("malformed spec", lambda d, t: [f"model={d},weight"], "is not name=value"),
+    ("weight not a number", lambda d, t: [f"model={d},weight=strong"], "weight = 'strong' should be a number"),
+    ("guidance range upside down", lambda d, t: [f"model={d},guidance_start=0.8,guidance_end=0.2"], "guidance_start"),
+    ("short reference folder", lambda d, t: [f"model={d}", "--reference-frames-directory", _reference(t, 2)], "has 2 frames"),
+    ("more units than reference parts",
+     lambda d, t: [f"model={d}", "--controlnet", f"model={d}", "--reference-frames-directory", _reference(t, 3)],
+     "unit 2 has no reference folder"),
+]
+
+
+@pytest.mark.parametrize("name, unit, words", BAD_UNITS, ids=[c[0] for c in BAD_UNITS])
+def test_bad_controlnet_input_is_one_clear_line(name, unit, words, controlnet_dirs, tmp_path, capsys):
+    from vlrt.cli import main
+
+    frames = write_frames(tmp_path / "in", sample_frames(3, (32, 32)))
+    out = tmp_path / "result" / "out.mp4"
+    args = ["render", str(frames), "-o", str(out), "--model", "demo", "--loop-n", "1", "--steps", "2", "--quiet",
+            "--controlnet", *unit(controlnet_dirs[0], tmp_path)]
+    code = main(args)
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert err.startswith("vlrt: error: ") and "\n" not in err, err
+    assert words in err, err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
+
+
+def test_config_tables_and_command_line_specs_read_the_same(tmp_path):
+    """[[controlnet]] tables (beside a [render] table) and --controlnet specs give the same units; the settings file reads back."""
+    from vlrt.settings.config import dump_settings, load_config
+
+    config = tmp_path / "run.toml"
+    config.write_text(
+        '[render]\nloop_n = 2\n\n[[controlnet]]\nmodel = "pose"\nweight = 0.5\nguidance_end = 0.6\n'
+        'control_mode = "ControlNet is more important"\n\n[[controlnet]]\nmodel = "edges.safetensors"\nmodule = "canny"\n'
+        "threshold_a = 50\nthreshold_b = 150\n"
+    )
+    from_file = build_settings(load_config(config))
+    from_flags = build_settings(overrides={"loop_n": 2, "controlnet": [
+        "model=pose,weight=0.5,guidance_end=0.6,control_mode=ControlNet is more important",
+        "model=edges.safetensors,module=canny,threshold_a=50,threshold_b=150",
+    ]})
+    assert from_file.controlnet == from_flags.controlnet
+    assert [u.weight for u in from_file.controlnet] == [0.5, 1.0]
+    assert from_file.controlnet[1].threshold_a == 50.0 and from_file.controlnet[0].resize_mode == "Crop and Resize"
+    saved = tmp_path / "settings.toml"
+    saved.write_text(dump_settings(from_file))
+    assert build_settings(load_config(saved)).frame_settings() == from_file.frame_settings()
+    with pytest.raises(Exception, match="unknown key 'weights'"):
+        build_settings(overrides={"controlnet": [{"model": "pose", "weights": 1}]})
+
+
+def test_resume_refuses_a_changed_controlnet(demo_model, controlnet_dirs, tmp_path, capsys):
+    """The settings file records each unit's model hash; --resume with other weights under the same path is refused."""
+    import shutil
+
+    from vlrt.cli import main
+    from vlrt.errors import VlrtError
+
+    frames = write_frames(tmp_path / "in", sample_frames(3, (32, 32)))
+    unit = tmp_path / "cn"
+    shutil.copytree(controlnet_dirs[0], unit)
+    settings = _settings(controlnet=[str(unit)], steps=2)
+    out = str(tmp_path / "out") + "/"
+    render(settings, str(frames), out, quiet=True, model=demo_model)
+    record = tmp_path / "out" / "settings.toml"
+    assert "sha256" in record.read_text()
+    record.write_text(record.read_text().replace("complete = true", "complete = false"))  # as if it had been killed
+    (tmp_path / "out" / "000002.png").unlink()
+    shutil.rmtree(unit)
+    shutil.copytree(controlnet_dirs[1], unit)
+    with pytest.raises(VlrtError, match="ControlNet models are not those"):
+        render(settings, str(frames), out, quiet=True, model=demo_model, resume=True)

@@ -40,7 +40,8 @@ class ControlNet:
 
 
 def family(width: int) -> str:
-    return FAMILIES.get(width, f"a model with cross-attention width {width}")
+    """The architecture a cross-attention width belongs to, in words."""
+    return f"{FAMILIES.get(width, 'an architecture vlrt does not know')} (cross-attention width {width})"
 
 
 def load_controlnets(units: list[ControlNetUnit], model: Model) -> list[ControlNet]:
@@ -90,22 +91,21 @@ def _single_file_config(path: Path, model: Model) -> Path:
             f"{path} is a ControlNet for {family(width) if width else 'an unknown architecture'}; vlrt converts SD 1.x "
             "and SD 2.x ControlNet files: convert it to a diffusers folder"
         )
+    _check_width(width, path, model)
+    return SHIPPED[width]
+
+
+def _check_width(width: int, path: Path, model: Model) -> None:
     if width != model.cross_attention_dim:
         raise VlrtError(
             f"ControlNet {path} is for {family(width)} but the model is {family(model.cross_attention_dim)}: "
             "use a ControlNet made for the model's architecture"
         )
-    return SHIPPED[width]
 
 
 def _check_config(config: dict, path: Path, model: Model) -> None:
     """Refuse a ControlNet that cannot steer this model's UNet, naming what differs."""
-    width = int(config["cross_attention_dim"])
-    if width != model.cross_attention_dim:
-        raise VlrtError(
-            f"ControlNet {path} is for {family(width)} but the model is {family(model.cross_attention_dim)}: "
-            "use a ControlNet made for the model's architecture"
-        )
+    _check_width(int(config["cross_attention_dim"]), path, model)
     unet = model.unet.config
     found = (int(config["in_channels"]), list(config["block_out_channels"]))
     wanted = (int(unet.in_channels), list(unet.block_out_channels))
