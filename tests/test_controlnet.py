@@ -174,3 +174,57 @@ def test_resume_refuses_a_changed_controlnet(demo_model, controlnet_dirs, tmp_pa
     shutil.copytree(controlnet_dirs[1], unit)
     with pytest.raises(VlrtError, match="ControlNet models are not those"):
         render(settings, str(frames), out, quiet=True, model=demo_model, resume=True)
+
+
+def test_loopback_with_controlnet_equals_plain_reference(demo_model, controlnet_dirs, tmp_path):
+    """3 passes, α < 1, a 3-tap temporal list, batch 2, streamed and batched: the plain loops with diffusers'
+    ControlNet pipeline fed the original frame in every pass."""
+    from test_render_exactness import reference_loopback
+
+    clip = write_frames(tmp_path / "clip", sample_frames(4, (64, 48)))
+    params = dict(loop_n=3, alpha=0.4, weights=[0.25, 0.5, 0.25], batch=2, seed=77, steps=4, strength=0.5, cfg=5.0)
+    settings = _settings(
+        loop_n=3, superimpose_alpha=0.4, temporal_superimpose_alpha_list="0.25,0.5,0.25", batch_size=2, fix_seed=False,
+        seed=77, steps=4, denoising_strength=0.5, cfg_scale=5.0, blend_rounding="floor", max_batch=16,
+        controlnet=[f"model={controlnet_dirs[0]},weight=1.5"],
+    )
+    result = render(settings, str(clip), str(tmp_path / "out") + "/", quiet=True, model=demo_model)
+    got = read_frames(tmp_path / "out")
+    originals = [Image.fromarray(f) for f in read_frames(clip)]
+    pipe = controlnet_pipeline(demo_model, controlnet_dirs[:1], _scheduler(demo_model, "Euler a"))
+
+    def sd(pipe, image, seed, steps, strength, cfg, f):
+        return pipe(
+            prompt=PROMPT, negative_prompt=NEGATIVE, image=image, control_image=originals[f], strength=strength,
+            num_inference_steps=steps, guidance_scale=cfg, controlnet_conditioning_scale=1.5,
+            generator=torch.Generator("cpu").manual_seed(seed),
+        ).images[0]
+
+    expected = reference_loopback(read_frames(clip), pipe, **params, sd=sd)
+    assert len(got) == len(expected) == 4
+    assert max(_max_diff(g, e) for g, e in zip(got, expected)) <= 3
+    # The ControlNet's rows were batched with each other: fewer calls than rows.
+    rows = 4 * 3 * 2 * 2 * 2
+    assert result.engine_calls["controlnet_0"] < rows / 4
+
+
+def test_every_pass_feeds_the_original_frame_as_control(demo_model, controlnet_dirs, clip_folder, tmp_path, monkeypatch):
+    """The jobs of passes 2 and 3 carry frame f's original picture as control, not the pass's input (which differs)."""
+    from vlrt.executor.executor import Executor
+
+    seen = []
+    submit = Executor.submit
+    monkeypatch.setattr(Executor, "submit", lambda self, job: (seen.append(job), submit(self, job))[1])
+    settings = _settings(loop_n=3, superimpose_alpha=0.9, steps=2, controlnet=[str(controlnet_dirs[0])])
+    render(settings, str(clip_folder), str(tmp_path / "out") + "/", quiet=True, model=demo_model)
+    originals = read_frames(clip_folder)
+    assert len(seen) == 3 * 6
+    by_image = {}
+    for job in seen:
+        control = (job.control[0].image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        matches = [i for i, o in enumerate(originals) if np.array_equal(o, control)]
+        assert len(matches) == 1
+        by_image.setdefault(matches[0], []).append(job.image)
+    assert sorted(by_image) == list(range(6)) and all(len(v) == 3 for v in by_image.values())
+    # Passes 2 and 3 start from pictures that differ from the originals: feeding those would change the control.
+    assert all(_max_diff(images[-1], originals[f]) > 10 for f, images in by_image.items())
