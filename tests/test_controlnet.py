@@ -228,3 +228,52 @@ def test_every_pass_feeds_the_original_frame_as_control(demo_model, controlnet_d
     assert sorted(by_image) == list(range(6)) and all(len(v) == 3 for v in by_image.values())
     # Passes 2 and 3 start from pictures that differ from the originals: feeding those would change the control.
     assert all(_max_diff(images[-1], originals[f]) > 10 for f, images in by_image.items())
+
+
+@pytest.fixture(scope="module")
+def reference_run(controlnet_dirs, tmp_path_factory):
+    """12 frames with a reference folder driving one unit, and the PNG frames of one uninterrupted render of them."""
+    from test_resume import RENDER, render_here
+
+    folder = tmp_path_factory.mktemp("controlnet_run")
+    source = write_frames(folder / "in", sample_frames(12, (32, 32)))
+    refs = write_frames(folder / "refs", [255 - f for f in sample_frames(14, (32, 32))[2:]])
+    args = [*RENDER, "--controlnet", f"model={controlnet_dirs[0]},weight=1.5", "--reference-frames-directory", str(refs)]
+    render_here(["render", str(source), "-o", f"{folder}/out/", *args])
+    return source, args, read_frames(folder / "out")
+
+
+def test_killed_controlnet_render_resumes_to_the_same_frames(reference_run, tmp_path):
+    """SIGKILL mid-render, then --resume: the frames of the uninterrupted render, ControlNet and reference folder on."""
+    from test_resume import appears, kill_when, render_here
+
+    source, args, reference = reference_run
+    out = tmp_path / "frames"
+    command = ["render", str(source), "-o", f"{out}/", *args]
+    kill_when(command, appears(out / "000005.png"), tmp_path / "log")
+    assert len(read_frames(out)) < len(reference)
+    render_here([*command, "--resume"])
+    got = read_frames(out)
+    assert len(got) == len(reference) == 12
+    for image, expected in zip(got, reference):
+        np.testing.assert_array_equal(image, expected)
+
+
+def test_three_segments_with_controlnet_give_the_frames_of_one_render(reference_run, tmp_path):
+    """--segments 3 on Ray: each segment reads its control images from the reference folder at its own start."""
+    from test_distributed import assert_same_frames
+
+    from vlrt.cli import main
+    from vlrt.scale.distributed import import_ray, one_thread, start_local_ray
+
+    source, args, _ = reference_run
+    with one_thread():  # the segment tasks compute on one thread; so must the reference
+        assert main(["render", str(source), "-o", f"{tmp_path}/one/", *args]) == 0
+    ray = import_ray(local=True)
+    start_local_ray(ray, 2)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        assert main(["render", str(source), "-o", f"{tmp_path}/seg/", *args, "--segments", "3", "--ray", address]) == 0
+    finally:
+        ray.shutdown()
+    assert_same_frames(read_frames(tmp_path / "seg"), read_frames(tmp_path / "one"))
