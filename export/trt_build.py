@@ -21,7 +21,7 @@ from typing import Any
 
 import onnx
 
-from vlrt.engines.base import UNET
+from vlrt.engines.base import UNET, UNET_CONTROL
 from vlrt.engines.trt_engine import require_trt
 from vlrt.errors import VlrtError
 from vlrt.export.onnx_export import progress
@@ -66,7 +66,7 @@ def build_plan(
         profile.add(name, min=lo, opt=opt, max=hi)
     config = CreateConfig(
         profiles=[profile],
-        refittable=component == UNET,
+        refittable=component in (UNET, UNET_CONTROL),  # a LoRA change refits the UNet, with or without ControlNet inputs
         load_timing_cache=str(timing_cache) if timing_cache is not None and timing_cache.is_file() else None,
         progress_monitor=_progress_monitor(trt),
     )

@@ -277,3 +277,25 @@ def test_three_segments_with_controlnet_give_the_frames_of_one_render(reference_
     finally:
         ray.shutdown()
     assert_same_frames(read_frames(tmp_path / "seg"), read_frames(tmp_path / "one"))
+
+
+def test_ort_equals_torch_and_batched_equals_unbatched(demo_model, controlnet_dirs, clip_folder, tmp_path):
+    """--backend ort (exported ControlNet and a UNet with residual inputs) equals --backend torch within 3/255;
+    max_batch 1 equals max_batch 16 within 1/255; two units with the control modes that change the rows."""
+    import onnx
+
+    units = [f"model={controlnet_dirs[0]},weight=0.9,control_mode=My prompt is more important",
+             f"model={controlnet_dirs[1]},weight=0.6,guidance_start=0.25,control_mode=ControlNet is more important"]
+    runs = {}
+    for name, backend, batch in (("torch", "torch", 16), ("ort", "ort", 16), ("ort1", "ort", 1)):
+        settings = _settings(controlnet=units, backend=backend, max_batch=batch, engines=str(tmp_path / "engines"))
+        result = render(settings, str(clip_folder), str(tmp_path / name) + "/", quiet=True, model=demo_model)
+        runs[name] = read_frames(tmp_path / name)
+        assert result.engine_calls["controlnet_1"] > 0
+    assert max(_max_diff(a, b) for a, b in zip(runs["torch"], runs["ort"])) <= 3
+    assert max(_max_diff(a, b) for a, b in zip(runs["ort"], runs["ort1"])) <= 1
+    unet_files = list((tmp_path / "engines").glob("*-unet_control-*/model.onnx"))
+    assert unet_files, sorted(p.name for p in (tmp_path / "engines").iterdir())
+    inputs = [i.name for i in onnx.load(str(unet_files[0])).graph.input]
+    assert inputs[:3] == ["sample", "timestep", "encoder_hidden_states"] and inputs[-1] == "mid_block_res"
+    assert len(inputs) == 3 + 1 + len([n for n in inputs if n.startswith("down_block_res_")])

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from vlrt.export.cache import EngineCache
 
 
+TEXT = "encoder_hidden_states"  # networks with a prompt axis get one engine per prompt length
+
+
 def default_engines_dir() -> Path:
     """$VLRT_ENGINES; else the checkout's engines/ folder when running from source; else the user cache."""
     if os.environ.get("VLRT_ENGINES"):
@@ -157,19 +160,19 @@ def build_engines(
             sized = net if tokens is None else with_tokens(net, tokens)
             return _cached_engine(cache, sized, hashes, backend, device, max_batch, precision, log)
 
-        if net.component == UNET:
-            tokens = int(net.example["encoder_hidden_states"].shape[1])
-            engines[UNET] = TokenLengthEngine({tokens: engine(tokens)}, engine)
+        if TEXT in net.example:
+            tokens = int(net.example[TEXT].shape[1])
+            engines[net.component] = TokenLengthEngine({tokens: engine(tokens)}, engine)
         else:
             engines[net.component] = engine(None)
     return engines
 
 
 def with_tokens(net: Network, tokens: int) -> Network:
-    """The UNet network with an example prompt of `tokens` tokens."""
-    states = net.example["encoder_hidden_states"]
-    example = {**net.example, "encoder_hidden_states": torch.randn(states.shape[0], tokens, states.shape[2])}
-    return Network(net.component, net.module, example)
+    """The network (UNet or ControlNet) with an example prompt of `tokens` tokens."""
+    states = net.example[TEXT]
+    example = {**net.example, TEXT: torch.randn(states.shape[0], tokens, states.shape[2])}
+    return Network(net.component, net.module, example, net.names)
 
 
 def _cached_engine(
@@ -191,7 +194,7 @@ def _cached_engine(
         structure_hash=hashes[1],
         height=height,
         width=width,
-        tokens=int(net.example["encoder_hidden_states"].shape[1]) if net.component == UNET else None,
+        tokens=int(net.example[TEXT].shape[1]) if TEXT in net.example else None,
         max_batch=max_batch,
         precision=precision,
         trt=TrtTarget.current(device) if backend == "trt" else None,
@@ -208,7 +211,7 @@ def _cached_engine(
         if base is not None and plan_mismatch(read_manifest(base) or {}, key, base) is None:
             build_plan = _refitter(base / PLAN_FILE)
     folder = cache.find_or_build(net.component, key, _onnx_builder(net, precision, base), build_plan)
-    return _load(backend, net.component, folder, max_batch, device)
+    return _load(backend, net.component, folder, max_batch, device, net.names)
 
 
 def _onnx_builder(net: Network, precision: str, base: Path | None) -> Callable[[Path], None]:
@@ -219,7 +222,7 @@ def _onnx_builder(net: Network, precision: str, base: Path | None) -> Callable[[
 
     def build(folder: Path) -> None:
         if base is None or not reweight_onnx(base / ONNX_FILE, net.module, folder / ONNX_FILE, precision):
-            export_onnx(net.component, net.module, net.example, folder / ONNX_FILE, precision=precision)
+            export_onnx(net.component, net.module, net.example, folder / ONNX_FILE, precision=precision, names=net.names)
 
     return build
 
@@ -243,14 +246,17 @@ def _refitter(base_plan: Path) -> Callable[[Path, Path], None]:
     return lambda onnx_path, plan_path: refit_unet(base_plan, onnx_path, plan_path)
 
 
-def _load(backend: str, component: str, folder: Path, max_batch: int, device: torch.device) -> Engine:
+def _load(
+    backend: str, component: str, folder: Path, max_batch: int, device: torch.device,
+    names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+) -> Engine:
     if backend == "trt":
         from vlrt.engines.trt_engine import TrtEngine
 
-        return TrtEngine(component, folder / "model.plan", max_batch, device)
+        return TrtEngine(component, folder / "model.plan", max_batch, device, names)
     from vlrt.engines.ort_engine import OrtEngine
 
-    return OrtEngine(component, folder / "model.onnx", max_batch, device)
+    return OrtEngine(component, folder / "model.onnx", max_batch, device, names=names)
 
 
 def open_engines(
