@@ -299,3 +299,34 @@ def test_ort_equals_torch_and_batched_equals_unbatched(demo_model, controlnet_di
     inputs = [i.name for i in onnx.load(str(unet_files[0])).graph.input]
     assert inputs[:3] == ["sample", "timestep", "encoder_hidden_states"] and inputs[-1] == "mid_block_res"
     assert len(inputs) == 3 + 1 + len([n for n in inputs if n.startswith("down_block_res_")])
+
+
+@pytest.mark.parametrize("mode, uncond, cond", [
+    ("Balanced", [0.8] * 13, [0.8] * 13),
+    ("My prompt is more important", [0.8 * 0.825 ** (12 - k) for k in range(13)], [0.8 * 0.825 ** (12 - k) for k in range(13)]),
+    ("ControlNet is more important", [0.0] * 13, [0.8] * 13),
+])
+def test_control_modes_scale_the_rows_as_the_webui_defines(mode, uncond, cond):
+    """The WebUI's control modes on SD's 13 residuals with CFG; outside the guidance range every row is off."""
+    from vlrt.executor.control import ControlInput, row_scales
+
+    control = ControlInput(torch.zeros(3, 8, 8), 0.8, 0.25, 0.75, mode)
+    np.testing.assert_allclose(row_scales(control, 1, 4, True, 13).numpy(), [uncond, cond], rtol=1e-6)
+    # diffusers' rule: step i of n acts unless i/n < start or (i+1)/n > end
+    assert [bool(row_scales(control, i, 4, True, 13).any()) for i in range(4)] == [False, True, True, False]
+    assert row_scales(control, 1, 4, False, 13).shape == (1, 13)
+
+
+def test_export_builds_the_controlnet_and_the_unet_with_residual_inputs(controlnet_dirs, tmp_path, capsys):
+    from vlrt.cli import main
+
+    engines = tmp_path / "engines"
+    code = main(["export", "--model", "demo", "--width", "32", "--height", "32", "--max-batch", "2", "--engines", str(engines),
+                 "--controlnet", str(controlnet_dirs[0]), "--controlnet", str(controlnet_dirs[1]), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert {line.split(":")[0] for line in printed.splitlines()} == {
+        "unet", "vae_encoder", "vae_decoder", "unet_control", "controlnet_0", "controlnet_1"
+    }
+    folders = [p for p in engines.iterdir() if "-controlnet-" in p.name and not p.name.startswith(".")]
+    assert len(folders) == 2  # the two ControlNets' weights differ, so do their cache keys

@@ -170,8 +170,10 @@ def _denoise(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from vlrt.model.controlnet import load_controlnets
     from vlrt.render.engine_picker import (
         build_engines,
+        control_networks,
         default_engines_dir,
         fastdvdnet_networks,
         precision_for,
@@ -189,18 +191,25 @@ def _export(args: argparse.Namespace) -> int:
         raise VlrtError(f"unknown component(s) {', '.join(sorted(unknown))}: choose from {', '.join(EXPORT_COMPONENTS)}")
     if settings.width is None or settings.height is None:
         raise VlrtError("vlrt export needs --width and --height (engines are built for one resolution)")
-    networks = []
+    networks, control = [], []
     if any(c != "fastdvdnet" for c in wanted):
         model = open_model(settings, device)
         networks += [n for n in sd_networks(model, settings.height, settings.width) if n.component in wanted]
+        if settings.controlnet and "unet" in wanted:  # the UNet with residual inputs, and each unit's ControlNet
+            nets = [c.network for c in load_controlnets(settings.controlnet, model)]
+            control = control_networks(model, nets, settings.height, settings.width)
     if "fastdvdnet" in wanted:
         net = fastdvdnet_network(settings.fastdvdnet_weights, settings.model == "demo", _log(args))
         networks += fastdvdnet_networks(net, settings.height, settings.width)
-    engines = build_engines(
-        networks, backend, device=device, max_batch=settings.max_batch,
-        precision=precision_for(backend, device, settings.precision),
-        engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(), log=_log(args),
-    )
+    engines = {}
+    groups = [("", networks + control[:1]), *((f"_{i}", [net]) for i, net in enumerate(control[1:]))]
+    for label, nets in groups:  # each ControlNet on its own: their engines share a component name
+        built = build_engines(
+            nets, backend, device=device, max_batch=settings.max_batch,
+            precision=precision_for(backend, device, settings.precision),
+            engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(), log=_log(args),
+        )
+        engines.update({name + label: engine for name, engine in built.items()})
     for name, engine in engines.items():
         print(f"{name}: {getattr(engine, 'path', '')}")
     return 0
@@ -258,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
     add_settings_arguments(export, ("model", "model_config", "prediction_type", "vae", "lora", "width", "height", "max_batch",
                                     "precision", "engines", "backend", "device",
-                                    "fastdvdnet_weights"))
+                                    "fastdvdnet_weights", "controlnet"))
     export.set_defaults(run=_export, config=None)
 
     den = commands.add_parser("denoise", help="FastDVDNet alone over a video (no synthetic noise: it denoises what it gets)")
