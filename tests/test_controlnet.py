@@ -330,3 +330,27 @@ def test_export_builds_the_controlnet_and_the_unet_with_residual_inputs(controln
     }
     folders = [p for p in engines.iterdir() if "-controlnet-" in p.name and not p.name.startswith(".")]
     assert len(folders) == 2  # the two ControlNets' weights differ, so do their cache keys
+
+
+def test_canny_unit_with_its_own_image_dir_equals_diffusers_on_opencv_edges(demo_model, controlnet_dirs, clip_folder, tmp_path):
+    """A unit's image_dir (another size, "Just Resize") through canny: diffusers fed OpenCV's Canny of the resized picture."""
+    import cv2
+
+    pictures = [np.ascontiguousarray(f[::-1, ::-1]) for f in sample_frames(6, (80, 60))]  # unlike the input frames
+    folder = write_frames(tmp_path / "edges_src", pictures)
+    unit = {"model": str(controlnet_dirs[0]), "module": "canny", "threshold_a": 50, "threshold_b": 150,
+            "resize_mode": "Just Resize", "image_dir": str(folder)}
+    settings = _settings(controlnet=[unit], steps=4)
+    render(settings, str(clip_folder), str(tmp_path / "out") + "/", quiet=True, model=demo_model)
+    pipe = controlnet_pipeline(demo_model, controlnet_dirs[:1], _scheduler(demo_model, "Euler a"))
+    inputs, outputs = read_frames(clip_folder), read_frames(tmp_path / "out")
+    for k in (0, 5):
+        resized = np.asarray(Image.fromarray(pictures[k]).resize((64, 48), Image.Resampling.LANCZOS))
+        edges = cv2.Canny(resized, 50, 150)
+        assert 0 < (edges > 0).mean() < 0.5  # real edges, not an empty or full map
+        expected = pipe(
+            prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(inputs[k]),
+            control_image=Image.fromarray(np.stack([edges] * 3, axis=2)), strength=0.6, num_inference_steps=4,
+            guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(4321),
+        ).images[0]
+        assert _max_diff(outputs[k], np.asarray(expected)) <= 2
