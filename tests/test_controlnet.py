@@ -354,3 +354,27 @@ def test_canny_unit_with_its_own_image_dir_equals_diffusers_on_opencv_edges(demo
             guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(4321),
         ).images[0]
         assert _max_diff(outputs[k], np.asarray(expected)) <= 2
+
+
+def test_preview_sweeps_a_unit_weight(controlnet_dirs, clip_folder, tmp_path, capsys):
+    """`--sweep controlnet.0.weight=0,2`: the row without the unit's effect differs from the row with it; a bad key is one line."""
+    from vlrt.cli import main
+
+    out = tmp_path / "grid.png"
+    common = ["preview", str(clip_folder), "-o", str(out), "--model", "demo", "--backend", "torch", "--frames", "0",
+              "--loop-n", "1", "--steps", "4", "--denoising-strength", "0.75", "--seed", "1", "--superimpose-alpha", "1",
+              "--controlnet", str(controlnet_dirs[0]),
+              "--quiet"]
+    assert main([*common, "--sweep", "controlnet.0.weight=0,2"]) == 0
+    sheet = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    from vlrt.image.contact_sheet import GAP, LABEL_HEIGHT
+
+    cell_h, cell_w = 48 * 2, 64 * 2
+    left = sheet.shape[1] - (cell_w + GAP)
+    rows = [sheet[LABEL_HEIGHT + r * (cell_h + GAP): LABEL_HEIGHT + r * (cell_h + GAP) + cell_h, left: left + cell_w]
+            for r in range(2)]
+    assert np.abs(rows[0] - rows[1]).mean() > 2
+    out.unlink()
+    assert main([*common, "--sweep", "controlnet.1.weight=0.5,1"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "there are 1 ControlNet unit(s)" in err and not out.exists()

@@ -100,11 +100,9 @@ def _render(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     import itertools
-    from dataclasses import replace
 
     from vlrt.render.pipeline import open_model, pick_device, render_span
-    from vlrt.render.preview import parse_sweep, sweep_grid
-    from vlrt.settings.config import build_settings as check
+    from vlrt.render.preview import apply_sweep, parse_sweep, sweep_grid
 
     settings = settings_from_args(args)
     try:
@@ -116,13 +114,16 @@ def _preview(args: argparse.Namespace) -> int:
         if name in MODEL_SETTINGS:
             raise VlrtError(f"--sweep {name}: the model is loaded once per preview; run one preview per {name} instead")
         for value in values:
-            check(overrides={name: value})  # an unknown name or a wrongly typed value fails before any work
+            apply_sweep(settings, name, value)  # an unknown name or a wrongly typed value fails before any work
     model = open_model(settings, pick_device(settings.device))
     combos = []
     for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
         changes = dict(zip([n for n, _ in sweeps], values))
         label = " ".join(f"{k}={v}" for k, v in changes.items()) or "settings"
-        combos.append((label, replace(settings, **changes)))
+        swept = settings
+        for name, value in changes.items():
+            swept = apply_sweep(swept, name, value)
+        combos.append((label, swept))
 
     def render_frame(s: Settings, f: int) -> dict:
         pictures: dict = {}
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     den.set_defaults(run=_denoise)
 
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
-    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments (default: the first three)")
+    bench.add_argument("sections", nargs="*", help="throughput, memory, fastdvdnet, soak, color, segments, controlnet (default: the first three)")
     bench.set_defaults(run=_bench)
 
     from vlrt.tools.doctor import add_doctor_parser

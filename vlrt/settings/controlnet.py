@@ -9,7 +9,7 @@ same names. Unit i takes its control images from `image_dir` when given, else fr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from vlrt.errors import VlrtError
@@ -100,6 +100,17 @@ def parse_unit_spec(spec: str) -> ControlNetUnit:
             raise VlrtError(f"{where}: {name} is given twice")
         table[name] = value.strip()
     return unit_from_table(table, where)
+
+
+def with_unit_value(units: list[ControlNetUnit], key: str, value: Any) -> list[ControlNetUnit]:
+    """`units` with `controlnet.I.NAME = value` applied (a preview sweep's key; I counts from 0), checked as a table is."""
+    parts = key.split(".")
+    if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in UNIT_FIELDS:
+        raise VlrtError(f"{key!r} is not controlnet.I.NAME with a unit number I and one of {', '.join(UNIT_FIELDS)}")
+    i = int(parts[1])
+    if i >= len(units):
+        raise VlrtError(f"{key!r}: there are {len(units)} ControlNet unit(s), numbered from 0: add the unit first")
+    return [*units[:i], unit_from_table({**asdict(units[i]), parts[2]: value}, key), *units[i + 1 :]]
 
 
 def units_from_setting(value: Any) -> list[ControlNetUnit]:
