@@ -378,3 +378,29 @@ def test_preview_sweeps_a_unit_weight(controlnet_dirs, clip_folder, tmp_path, ca
     assert main([*common, "--sweep", "controlnet.1.weight=0.5,1"]) != 0
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "there are 1 ControlNet unit(s)" in err and not out.exists()
+
+
+def test_inpainting_only_masked_crops_the_control_image_as_sd_picture(demo_model, controlnet_dirs, clip_folder, tmp_path,
+                                                                       monkeypatch):
+    """With inpaint_full_res, the unit's map (the input frame) is cropped and scaled as SD's picture is; outside the
+    mask every pixel stays the input's."""
+    from vlrt.executor.executor import Executor
+
+    mask = np.zeros((48, 64), np.uint8)
+    mask[10:30, 20:44] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    seen = []
+    submit = Executor.submit
+    monkeypatch.setattr(Executor, "submit", lambda self, job: (seen.append(job), submit(self, job))[1])
+    settings = _settings(controlnet=[str(controlnet_dirs[0])], use_mask=True, mask_directory=str(tmp_path / "mask.png"),
+                         inpaint_full_res=True, inpaint_full_res_padding=4, mask_blur=0, steps=4)
+    render(settings, str(clip_folder), str(tmp_path / "out") + "/", quiet=True, model=demo_model)
+    inputs, outputs = read_frames(clip_folder), read_frames(tmp_path / "out")
+    assert len(seen) == 6
+    for job, frame_in in zip(seen, inputs):
+        control = (job.control[0].image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        np.testing.assert_array_equal(control, job.image)  # the crop SD starts from, not the whole frame
+        assert _max_diff(control, frame_in) > 20
+    for frame_in, frame_out in zip(inputs, outputs):
+        np.testing.assert_array_equal(frame_out[mask == 0], frame_in[mask == 0])
+        assert _max_diff(frame_out[mask > 0], frame_in[mask > 0]) > 5
