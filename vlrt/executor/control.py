@@ -20,12 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vlrt.engines.base import Engine, residual_names
 from vlrt.settings.controlnet import CONTROL_MORE_IMPORTANT, PROMPT_MORE_IMPORTANT, ControlNetUnit
+
+if TYPE_CHECKING:
+    from vlrt.executor.jobs import Img2ImgJob
 
 SOFT_INJECTION_BASE = 0.825
 
@@ -79,7 +83,7 @@ class ControlRunner:
         self.names = residual_names(len(shapes))
 
     def residuals(
-        self, jobs: Sequence, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, jobs: Sequence[Img2ImgJob], sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """The summed residuals of every row of `jobs` (their UNet rows, in order, are `sample` …)."""
         rows = sample.shape[0]
