@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlrt.engines.base import CONTROLNET, UNET, Engine
+from vlrt.engines.base import CONTROLNET, UNET, UNET_CONTROL, Engine
 from vlrt.frames import Frame
 from vlrt.io.sinks import open_sink
 from vlrt.settings.config import Settings, build_settings
@@ -162,7 +162,7 @@ def bench_controlnet(frames: tuple[int, int] = (12, 36), size: tuple[int, int] =
         for name, overrides in configs.items():
             with engine_seconds() as spent:
                 time_render(replace(base, **overrides), clip, model, 1)
-            shares[name] = (spent[UNET] / frames[1], spent[CONTROLNET] / frames[1])
+            shares[name] = ((spent[UNET] + spent[UNET_CONTROL]) / frames[1], spent[CONTROLNET] / frames[1])
     return {"fps": fps, "seconds": shares}
 
 
