@@ -157,7 +157,6 @@ def test_resume_refuses_a_changed_controlnet(demo_model, controlnet_dirs, tmp_pa
     """The settings file records each unit's model hash; --resume with other weights under the same path is refused."""
     import shutil
 
-    from vlrt.cli import main
     from vlrt.errors import VlrtError
 
     frames = write_frames(tmp_path / "in", sample_frames(3, (32, 32)))

@@ -24,13 +24,13 @@ from torch import nn
 
 from vlrt.engines.base import EngineSet
 from vlrt.errors import VlrtError
+from vlrt.executor.control import ControlRunner
 from vlrt.executor.executor import Executor
 from vlrt.frames import Frame
 from vlrt.image.color import FIRST
 from vlrt.image.resize import resize_frame
 from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, SourceInfo, open_source
-from vlrt.executor.control import ControlRunner
 from vlrt.model.controlnet import ControlNet, load_controlnets, residual_shapes
 from vlrt.model.loading import Model, ModelOptions, load_model
 from vlrt.model.prompt_syntax import split_lora_tags
