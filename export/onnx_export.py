@@ -67,18 +67,20 @@ def export_onnx(
     *,
     precision: str = "fp32",
     opset: int = 17,
+    names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
 ) -> None:
     """Trace `module` (one of `vlrt.engines.modules`) into `path`, batch axis dynamic.
 
     The weights of `module` are not modified (an fp16 export traces a float16 copy, on CUDA
     where there is one); it is put in eval mode. The example feed only fixes the static dimensions (resolution, prompt
-    length); its values do not matter.
+    length); its values do not matter. `names` (inputs, outputs) for the components whose names
+    depend on the model (`vlrt.engines.base.control_names`).
     """
-    if component not in INPUT_NAMES:
+    if names is None and component not in INPUT_NAMES:
         raise ValueError(f"unknown component {component!r}; expected one of {sorted(INPUT_NAMES)}")
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(PRECISIONS)}")
-    inputs, outputs = INPUT_NAMES[component], OUTPUT_NAMES[component]
+    inputs, outputs = names or (INPUT_NAMES[component], OUTPUT_NAMES[component])
     if set(example_feed) != set(inputs):
         raise ValueError(f"{component} takes inputs {inputs}, got {tuple(example_feed)}")
     traced = _traceable(module, PRECISIONS[precision]).eval()
@@ -92,8 +94,10 @@ def export_onnx(
             raw = Path(scratch) / "model.onnx"
             # The exporter's shape inference loses some static output sizes (the VAE encoder's);
             # the traced run knows them all.
-            shapes: list[tuple[int, ...]] = []
-            hook = traced.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+            shapes: list[list[tuple[int, ...]]] = []
+            hook = traced.register_forward_hook(
+                lambda _m, _i, out: shapes.append([tuple(o.shape) for o in (out if isinstance(out, tuple) else (out,))])
+            )
             with torch.no_grad(), warnings.catch_warnings(), _removing(hook):
                 warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
                 torch.onnx.export(
@@ -107,7 +111,7 @@ def export_onnx(
                     do_constant_folding=False,
                     dynamo=False,
                 )
-            _place(Path(scratch), raw, path, shapes[0][1:], fp32_islands=precision == "fp16")
+            _place(Path(scratch), raw, path, [shape[1:] for shape in shapes[0]], fp32_islands=precision == "fp16")
     with progress(f"checking {path.name}"):
         onnx.checker.check_model(str(path))  # by path, so that external data and > 2 GB work
 
@@ -154,7 +158,7 @@ def _removing(handle: torch.utils.hooks.RemovableHandle) -> Iterator[None]:
         handle.remove()
 
 
-def _place(scratch: Path, raw: Path, path: Path, output_rest: tuple[int, ...], fp32_islands: bool) -> None:
+def _place(scratch: Path, raw: Path, path: Path, output_rests: list[tuple[int, ...]], fp32_islands: bool) -> None:
     """Write the export to `path` with static output sizes after the batch axis (and, for fp16,
     the `FP32_OPS` in float32).
 
@@ -163,9 +167,9 @@ def _place(scratch: Path, raw: Path, path: Path, output_rest: tuple[int, ...], f
     """
     external = any(p != raw for p in scratch.iterdir())
     model = onnx.load(str(raw))  # loads per-tensor files from the scratch folder too
-    (output,) = model.graph.output
-    for dim, size in zip(output.type.tensor_type.shape.dim[1:], output_rest, strict=True):
-        dim.dim_value = size  # replaces a symbolic size
+    for output, rest in zip(model.graph.output, output_rests, strict=True):
+        for dim, size in zip(output.type.tensor_type.shape.dim[1:], rest, strict=True):
+            dim.dim_value = size  # replaces a symbolic size
     if fp32_islands:
         compute_in_fp32(model.graph, FP32_OPS)
     save_onnx(model, path, external)

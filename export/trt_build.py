@@ -23,7 +23,7 @@ from typing import Any
 
 import onnx
 
-from vlrt.engines.base import UNET
+from vlrt.engines.base import UNET, UNET_CONTROL
 from vlrt.engines.trt_engine import refit_supported, require_trt
 from vlrt.errors import VlrtError
 from vlrt.export.onnx_export import progress
@@ -67,8 +67,9 @@ def build_plan(
     profile = Profile()
     for name, (lo, opt, hi) in profile_shapes(onnx_path, max_batch).items():
         profile.add(name, min=lo, opt=opt, max=hi)
-    refittable = component == UNET and refit_supported(trt.__version__)
-    if component == UNET and not refittable:
+    unet = component in (UNET, UNET_CONTROL)  # a LoRA change refits the UNet, with or without ControlNet inputs
+    refittable = unet and refit_supported(trt.__version__)
+    if unet and not refittable:
         log.warning("TensorRT %s: building the UNet plan without REFIT (refittable plans may compute wrong results "
                     "on 11.3); a LoRA change rebuilds it", trt.__version__)
     config = CreateConfig(

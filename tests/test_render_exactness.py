@@ -24,7 +24,7 @@ def _pipeline(model_dir, sampler: str):
     return pipe
 
 
-def _sd(pipe, image: Image.Image, seed: int, steps: int, strength: float, cfg: float) -> Image.Image:
+def _sd(pipe, image: Image.Image, seed: int, steps: int, strength: float, cfg: float, f: int = 0) -> Image.Image:
     return pipe(
         prompt=PROMPT,
         negative_prompt=NEGATIVE,
@@ -63,8 +63,9 @@ def test_single_pass_equals_diffusers_img2img(which, sampler, request, clip_fold
     assert np.abs(outputs[0].astype(int) - inputs[0].astype(int)).mean() > 2
 
 
-def reference_loopback(frames, pipe, *, loop_n, alpha, weights, batch, seed, steps, strength, cfg):
-    """SPEC §2.2–§2.5 as plain loops over the whole video, with Pillow's own blends (the extension's arithmetic)."""
+def reference_loopback(frames, pipe, *, loop_n, alpha, weights, batch, seed, steps, strength, cfg, sd=_sd):
+    """SPEC §2.2–§2.5 as plain loops over the whole video, with Pillow's own blends (the extension's arithmetic).
+    `sd(pipe, image, seed, steps, strength, cfg, f)` is one SD call on frame f's init image."""
     h = len(weights) // 2
     current = [Image.fromarray(f) for f in frames]
     n = len(current)
@@ -81,7 +82,7 @@ def reference_loopback(frames, pipe, *, loop_n, alpha, weights, batch, seed, ste
                 acc = Image.blend(acc, current[j], w / total)
             # vlrt's documented seed rule without fix_seed: seed + (f·loop_n + L)·samples + k
             samples = [
-                _sd(pipe, acc, seed + (f * loop_n + loop) * batch + k, steps, strength, cfg) for k in range(batch)
+                sd(pipe, acc, seed + (f * loop_n + loop) * batch + k, steps, strength, cfg, f) for k in range(batch)
             ]
             mean = samples[0]
             for k in range(2, batch + 1):

@@ -103,11 +103,9 @@ def _render(args: argparse.Namespace) -> int:
 
 def _preview(args: argparse.Namespace) -> int:
     import itertools
-    from dataclasses import replace
 
     from vlrt.render.pipeline import open_model, pick_device, render_span
-    from vlrt.render.preview import parse_sweep, sweep_grid
-    from vlrt.settings.config import build_settings as check
+    from vlrt.render.preview import apply_sweep, parse_sweep, sweep_grid
 
     settings = settings_from_args(args)
     from vlrt.io.output_guard import refuse_overwriting_sources
@@ -122,13 +120,16 @@ def _preview(args: argparse.Namespace) -> int:
         if name in MODEL_SETTINGS:
             raise VlrtError(f"--sweep {name}: the model is loaded once per preview; run one preview per {name} instead")
         for value in values:
-            check(overrides={name: value})  # an unknown name or a wrongly typed value fails before any work
+            apply_sweep(settings, name, value)  # an unknown name or a wrongly typed value fails before any work
     model = open_model(settings, pick_device(settings.device))
     combos = []
     for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
         changes = dict(zip([n for n, _ in sweeps], values))
         label = " ".join(f"{k}={v}" for k, v in changes.items()) or "settings"
-        combos.append((label, replace(settings, **changes)))
+        swept = settings
+        for name, value in changes.items():
+            swept = apply_sweep(swept, name, value)
+        combos.append((label, swept))
 
     def render_frame(s: Settings, f: int) -> dict:
         pictures: dict = {}
@@ -179,8 +180,10 @@ def _denoise(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from vlrt.model.controlnet import load_controlnets
     from vlrt.render.engine_picker import (
         build_engines,
+        control_networks,
         default_engines_dir,
         fastdvdnet_networks,
         precision_for,
@@ -200,18 +203,25 @@ def _export(args: argparse.Namespace) -> int:
     if settings.width is None or settings.height is None:
         raise VlrtError("vlrt export needs --width and --height (engines are built for one resolution)")
     precision = precision_for(backend, device, settings.precision)
-    networks = []
+    networks, control = [], []
     if any(c != "fastdvdnet" for c in wanted):
         model = open_model(settings, device)
         networks += [n for n in sd_networks(model, settings.height, settings.width) if n.component in wanted]
+        if settings.controlnet and "unet" in wanted:  # the UNet with residual inputs, and each unit's ControlNet
+            nets = [c.network for c in load_controlnets(settings.controlnet, model)]
+            control = control_networks(model, nets, settings.height, settings.width)
     if "fastdvdnet" in wanted:
         net = fastdvdnet_network(settings.fastdvdnet_weights, settings.model == "demo", _log(args))
         networks += fastdvdnet_networks(net, settings.height, settings.width)
-    engines = build_engines(
-        networks, backend, device=device, max_batch=settings.max_batch, precision=precision,
-        engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(), log=_log(args),
-        vae_precision=vae_precision_for(device, settings.vae_precision, precision),
-    )
+    engines = {}
+    groups = [("", networks + control[:1]), *((f"_{i}", [net]) for i, net in enumerate(control[1:]))]
+    for label, nets in groups:  # each ControlNet on its own: their engines share a component name
+        built = build_engines(
+            nets, backend, device=device, max_batch=settings.max_batch, precision=precision,
+            engines_dir=Path(settings.engines) if settings.engines else default_engines_dir(), log=_log(args),
+            vae_precision=vae_precision_for(device, settings.vae_precision, precision),
+        )
+        engines.update({name + label: engine for name, engine in built.items()})
     for name, engine in engines.items():
         print(f"{name}: {getattr(engine, 'path', '')}")
     return 0
@@ -282,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-q", "--quiet", action="store_true", help="no progress or messages on standard error")
     add_settings_arguments(export, ("model", "model_config", "prediction_type", "vae", "lora", "width", "height", "max_batch",
                                     "precision", "vae_precision", "engines", "backend", "device",
-                                    "fastdvdnet_weights"))
+                                    "fastdvdnet_weights", "controlnet"))
     export.set_defaults(run=_export, config=None)
 
     den = commands.add_parser("denoise", help="FastDVDNet alone over a video (no synthetic noise: it denoises what it gets)")
@@ -298,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
     bench.add_argument("sections", nargs="*",
-                       help="throughput, memory, fastdvdnet, soak, color, segments, demo1080, samplers, occupancy "
-                            "(default: the first three)")
+                       help="throughput, memory, fastdvdnet, soak, color, segments, demo1080, samplers, controlnet, "
+                            "occupancy (default: the first three)")
     bench.add_argument("--profile", default="h100", choices=("h100", "rtx4090"),
                        help="occupancy: the modelled GPU's engine times (default h100)")
     bench.add_argument("--json", action="store_true", help="occupancy: print one JSON object per case instead of a table")

@@ -11,6 +11,12 @@ Components and their tensors (B is the dynamic batch, at most `max_batch`):
 | vae_encoder   | image [B,3,H,W] in [-1, 1]                                            | moments [B,2C,h,w]       |
 | vae_decoder   | latent [B,C,h,w] (already divided by the scaling factor)              | image [B,3,H,W] in [-1,1]|
 | fastdvdnet_block1 / fastdvdnet_block2 | frames [B,9,H,W] in [0,1], noise_map [B,1,H,W] | frame [B,3,H,W]     |
+| controlnet    | unet's inputs, controlnet_cond [B,3,H,W] in [0,1], conditioning_scale [B,L] f32 | L residuals |
+| unet_control  | unet's inputs and the L residuals (`residual_names`)                  | noise_pred [B,C,h,w]     |
+
+The L residuals are the UNet's down-block residuals and its mid-block residual (13 for SD 1.x/2.x),
+each scaled by its column of `conditioning_scale`; their count depends on the model, so these two
+components take their names from `residual_names(L)`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ VAE_ENCODER = "vae_encoder"
 VAE_DECODER = "vae_decoder"
 FASTDVDNET_BLOCK1 = "fastdvdnet_block1"
 FASTDVDNET_BLOCK2 = "fastdvdnet_block2"
+CONTROLNET = "controlnet"
+UNET_CONTROL = "unet_control"
 
 INPUT_NAMES: dict[str, tuple[str, ...]] = {
     UNET: ("sample", "timestep", "encoder_hidden_states"),
@@ -45,15 +53,31 @@ OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 
+def residual_names(count: int) -> tuple[str, ...]:
+    """The names of a UNet's `count` ControlNet residuals: its down blocks' in order, then its mid block's."""
+    return (*(f"down_block_res_{i}" for i in range(count - 1)), "mid_block_res")
+
+
+def control_names(component: str, residuals: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, outputs) of the ControlNet engine or of the UNet that takes its residuals."""
+    if component == CONTROLNET:
+        return (*INPUT_NAMES[UNET], "controlnet_cond", "conditioning_scale"), residual_names(residuals)
+    return (*INPUT_NAMES[UNET], *residual_names(residuals)), OUTPUT_NAMES[UNET]
+
+
 class Engine(ABC):
     """One network behind a uniform call: a dict of named tensors in, a dict out."""
 
     backend: str = "?"
 
-    def __init__(self, component: str, max_batch: int, device: torch.device) -> None:
+    def __init__(
+        self, component: str, max_batch: int, device: torch.device, names: tuple[tuple[str, ...], tuple[str, ...]] | None = None
+    ) -> None:
+        """`names` (inputs, outputs) for components whose names depend on the model (`control_names`)."""
         self.component = component
         self.max_batch = max_batch
         self.device = device
+        self.input_names, self.output_names = names or (INPUT_NAMES[component], OUTPUT_NAMES[component])
         self.calls = 0
 
     @abstractmethod
@@ -96,6 +120,7 @@ class EngineSet:
     vae_decoder: Engine | None = None
     fastdvdnet_block1: Engine | None = None
     fastdvdnet_block2: Engine | None = None
+    controlnets: tuple[Engine, ...] = ()  # one per ControlNet unit, in unit order
 
     def __getitem__(self, component: str) -> Engine:
         engine = getattr(self, component)
@@ -105,4 +130,5 @@ class EngineSet:
 
     @property
     def calls(self) -> dict[str, int]:
-        return {name: e.calls for name, e in vars(self).items() if e is not None}
+        calls = {name: e.calls for name, e in vars(self).items() if isinstance(e, Engine)}
+        return calls | {f"{CONTROLNET}_{i}": e.calls for i, e in enumerate(self.controlnets)}

@@ -21,6 +21,49 @@ class UNetModule(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
 
 
+class UNetControlModule(nn.Module):
+    """The UNet taking a ControlNet's residuals (down blocks' in order, then the mid block's) as inputs."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *residuals: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            down_block_additional_residuals=list(residuals[:-1]),
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )[0]
+
+
+class ControlNetModule(nn.Module):
+    """diffusers' ControlNet with a per-row, per-residual scale [B, L], so that rows of different units'
+    weights, guidance ranges and control modes share a call (a scale of 0 switches a row off)."""
+
+    def __init__(self, controlnet: nn.Module) -> None:
+        super().__init__()
+        self.controlnet = controlnet
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+        conditioning_scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.controlnet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond, return_dict=False
+        )
+        scale = conditioning_scale.to(sample.dtype)
+        return tuple(r * scale[:, i, None, None, None] for i, r in enumerate((*down, mid)))
+
+
 class VaeEncoderModule(nn.Module):
     """Image in [-1, 1] to the posterior's moments (mean and log-variance stacked on channels).
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from vlrt.engines.base import INPUT_NAMES, OUTPUT_NAMES, UNET, Engine
+from vlrt.engines.base import Engine
 from vlrt.errors import VlrtError
 
 CPU = torch.device("cpu")
@@ -141,24 +141,31 @@ class OrtEngine(Engine):
     backend = "ort"
 
     def __init__(
-        self, component: str, path: Path, max_batch: int, device: torch.device, threads: int | None = None
+        self,
+        component: str,
+        path: Path,
+        max_batch: int,
+        device: torch.device,
+        threads: int | None = None,
+        names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
     ) -> None:
-        super().__init__(component, max_batch, device)
+        super().__init__(component, max_batch, device, names)
         self.path = Path(path)
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.session = load_session(self.path, device, threads, self.stream)
-        _check_signature(self.session, component, self.path)
+        _check_signature(self.session, self, self.path)
 
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return run_session(self.session, feed, self.device, self.stream)
 
 
-def _check_signature(session: ort.InferenceSession, component: str, path: Path) -> None:
+def _check_signature(session: ort.InferenceSession, engine: Engine, path: Path) -> None:
     """Refuse files for another component, or a UNet whose timestep would be rounded to integers."""
     fix = _fix(path)
     inputs = {m.name: m.type for m in session.get_inputs()}
     outputs = tuple(m.name for m in session.get_outputs())
-    if set(inputs) != set(INPUT_NAMES[component]) or outputs != OUTPUT_NAMES[component]:
+    component = engine.component
+    if set(inputs) != set(engine.input_names) or outputs != engine.output_names:
         raise VlrtError(
             f"ONNX engine {path} has inputs {tuple(inputs)} and outputs {outputs}, "
             f"not those of a {component} engine; {fix}"
@@ -166,7 +173,7 @@ def _check_signature(session: ort.InferenceSession, component: str, path: Path) 
     unknown = sorted(t for t in inputs.values() if t not in ORT_TYPES)
     if unknown:
         raise VlrtError(f"ONNX engine {path} has inputs of unsupported types {unknown}; {fix}")
-    if component == UNET and inputs["timestep"] != "tensor(float)":
+    if "timestep" in inputs and inputs["timestep"] != "tensor(float)":
         raise VlrtError(f"ONNX engine {path} takes an integer timestep, which fractional schedules need as float32; {fix}")
 
 

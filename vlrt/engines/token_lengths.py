@@ -1,4 +1,4 @@
-"""One UNet engine per prompt length, for backends whose engines have a static prompt length.
+"""One UNet (or ControlNet) engine per prompt length, for backends whose engines have a static prompt length.
 
 ONNX and TensorRT UNets are exported with a static sequence axis (77 tokens, one chunk), since
 TensorRT is several times faster with static shapes. A prompt longer than 75 tokens is several
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from vlrt.engines.base import UNET, Engine
+from vlrt.engines.base import Engine
 
 
 class TokenLengthEngine(Engine):
@@ -22,7 +22,7 @@ class TokenLengthEngine(Engine):
 
     def __init__(self, engines: dict[int, Engine], make: Callable[[int], Engine]) -> None:
         first = next(iter(engines.values()))
-        super().__init__(UNET, first.max_batch, first.device)
+        super().__init__(first.component, first.max_batch, first.device, (first.input_names, first.output_names))
         self.backend = first.backend
         self.engines = engines
         self.make = make

@@ -10,8 +10,6 @@ from torch import nn
 from vlrt.engines.base import (
     FASTDVDNET_BLOCK1,
     FASTDVDNET_BLOCK2,
-    INPUT_NAMES,
-    OUTPUT_NAMES,
     UNET,
     VAE_DECODER,
     VAE_ENCODER,
@@ -26,8 +24,16 @@ class TorchEngine(Engine):
 
     backend = "torch"
 
-    def __init__(self, component: str, module: nn.Module, max_batch: int, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__(component, max_batch, device)
+    def __init__(
+        self,
+        component: str,
+        module: nn.Module,
+        max_batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+    ) -> None:
+        super().__init__(component, max_batch, device, names)
         self.module = module.to(device=device, dtype=dtype).eval()
         self.dtype = dtype
 
@@ -36,11 +42,11 @@ class TorchEngine(Engine):
         # Timesteps stay float32: fp16 cannot hold fractional timesteps near 1000 exactly.
         args = [
             feed[name].to(self.device, torch.float32 if name == "timestep" else self.dtype)
-            for name in INPUT_NAMES[self.component]
+            for name in self.input_names
         ]
         out = self.module(*args)
-        (name,) = OUTPUT_NAMES[self.component]
-        return {name: out.float()}
+        outs = out if isinstance(out, tuple) else (out,)
+        return {name: o.float() for name, o in zip(self.output_names, outs, strict=True)}
 
 
 def torch_engines(unet: nn.Module, vae: nn.Module, max_batch: int, device: torch.device, dtype: torch.dtype) -> EngineSet:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlrt.engines.base import INPUT_NAMES, OUTPUT_NAMES, UNET, Engine
+from vlrt.engines.base import Engine
 from vlrt.errors import VlrtError
 
 log = logging.getLogger(__name__)
@@ -241,8 +241,15 @@ class TrtEngine(Engine):
 
     backend = "trt"
 
-    def __init__(self, component: str, path: Path, max_batch: int, device: torch.device) -> None:
-        super().__init__(component, max_batch, device)
+    def __init__(
+        self,
+        component: str,
+        path: Path,
+        max_batch: int,
+        device: torch.device,
+        names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+    ) -> None:
+        super().__init__(component, max_batch, device, names)
         if device.type != "cuda":
             raise VlrtError(f"TensorRT runs on CUDA devices only, not {device}; use --backend ort")
         self.path = Path(path)
@@ -260,9 +267,9 @@ class TrtEngine(Engine):
 
     def _check_signature(self) -> None:
         fix = f"delete the engine folder {self.path.parent} and re-run `vlrt export`"
-        if set(self.inputs) != set(INPUT_NAMES[self.component]) or tuple(self.outputs) != OUTPUT_NAMES[self.component]:
+        if set(self.inputs) != set(self.input_names) or tuple(self.outputs) != self.output_names:
             raise VlrtError(f"TensorRT plan {self.path} is not a {self.component} engine; {fix}")
-        if self.component == UNET and self.dtypes["timestep"] != torch.float32:
+        if "timestep" in self.dtypes and self.dtypes["timestep"] != torch.float32:
             raise VlrtError(f"TensorRT plan {self.path} takes a non-float32 timestep; {fix}")
         top = self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0]
         if top < self.max_batch:

@@ -26,14 +26,17 @@ from types import TracebackType
 import torch
 
 from vlrt.engines.base import EngineSet
+from vlrt.executor.control import ControlRunner
 from vlrt.executor.jobs import Img2ImgJob, Phase
 
 
 class Executor:
     """Owns the engines and the thread that runs them; advances submitted jobs in batched rounds."""
 
-    def __init__(self, engines: EngineSet) -> None:
+    def __init__(self, engines: EngineSet, control: ControlRunner | None = None) -> None:
+        """With `control`, the UNet engine takes ControlNet residuals, which `control` computes per round."""
         self.engines = engines
+        self.control = control
         self.jobs: list[Img2ImgJob] = []  # submitted, not in the round in flight
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrt-engines")
         self._round: Future[list[Img2ImgJob]] | None = None
@@ -68,7 +71,7 @@ class Executor:
         if self.jobs:
             batch, self.jobs = self.jobs, []
             self._in_round = len(batch)
-            self._round = self._thread.submit(_advance, self.engines, batch)
+            self._round = self._thread.submit(_advance, self.engines, self.control, batch)
 
     def wait(self) -> None:
         """Wait for the round in flight; mark its finished jobs done, keep the rest pending (first, in order).
@@ -84,7 +87,7 @@ class Executor:
         self.jobs = [job for job in batch if not job.done] + self.jobs
 
 
-def _advance(engines: EngineSet, jobs: list[Img2ImgJob]) -> list[Img2ImgJob]:
+def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> list[Img2ImgJob]:
     """One round, on the engine thread: every job one phase on (decode, then denoise, then encode)."""
     by_phase: dict[Phase, list[Img2ImgJob]] = defaultdict(list)
     for job in jobs:
@@ -92,7 +95,7 @@ def _advance(engines: EngineSet, jobs: list[Img2ImgJob]) -> list[Img2ImgJob]:
     if by_phase[Phase.DECODE]:
         _decode(engines, by_phase[Phase.DECODE])
     if by_phase[Phase.DENOISE]:
-        _denoise(engines, by_phase[Phase.DENOISE])
+        _denoise(engines, control, by_phase[Phase.DENOISE])
     if by_phase[Phase.ENCODE]:
         _encode(engines, by_phase[Phase.ENCODE])
     return jobs
@@ -105,14 +108,17 @@ def _encode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
             job.take_moments(m)
 
 
-def _denoise(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
+def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> None:
     for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), tuple(j.cond.shape))):
         inputs = [j.unet_input() for j in group]
-        pred = engines.unet(
+        feed = dict(
             sample=torch.cat([i[0] for i in inputs]),
             timestep=torch.cat([i[1] for i in inputs]),
             encoder_hidden_states=torch.cat([i[2] for i in inputs]),
-        )["noise_pred"]
+        )
+        if control is not None:
+            feed.update(control.residuals(group, **feed))
+        pred = engines.unet(**feed)["noise_pred"]
         start = 0
         for job in group:
             job.take_noise_pred(pred[start : start + job.rows])

@@ -26,6 +26,7 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from vlrt.executor.control import ControlInput
 from vlrt.executor.noise import generator, variation_noise
 from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
 
@@ -66,8 +67,10 @@ class Img2ImgJob:
         shift_factor: float = 0.0,
         latent_mask: np.ndarray | torch.Tensor | None = None,
         fill: str = ORIGINAL,
+        control: tuple[ControlInput, ...] = (),
     ) -> None:
-        """`latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
+        """`control` holds the job's ControlNet units (vlrt.executor.control), in unit order.
+        `latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
         latents start from (see `vlrt.image.inpaint`)."""
         self.image = image
@@ -89,6 +92,7 @@ class Img2ImgJob:
         self.device = image.device
         self.edit = None if latent_mask is None else torch.as_tensor(latent_mask).to(self.device)[None, None]
         self.fill = fill
+        self.control = control
         self.init_latents: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
         self.index = 0

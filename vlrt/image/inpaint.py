@@ -54,6 +54,10 @@ class InpaintPlan:
     overlay: np.ndarray  # (H, W) uint8: how much of SD's result each pixel takes when pasted back
     region: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) of "only masked", else None
 
+    def sd_view(self, image: np.ndarray) -> np.ndarray:
+        """Another (H, W, 3) picture of the frame (a ControlNet map) cropped and scaled as `sd_image` was."""
+        return image if self.region is None else _crop_scaled(image, self.region)
+
     def paste_back(self, result: torch.Tensor) -> torch.Tensor:
         """SD's (H, W, 3) result (a tensor on the render device) put back over the init image through
         the blurred mask; "only masked" scales the result back with Pillow, a round trip to the host."""
@@ -76,9 +80,7 @@ def plan_inpaint(init: np.ndarray, edit_mask: np.ndarray, options: InpaintOption
     region = None
     if options.inpaint_full_res:
         region = crop_region(blurred, options.inpaint_full_res_padding, width, height)
-        x0, y0, x1, y1 = region
-        sd_image = np.asarray(resize_plane(Image.fromarray(init[y0:y1, x0:x1]), width, height, RESIZE_AND_FILL))
-        sd_mask = np.asarray(resize_plane(Image.fromarray(blurred[y0:y1, x0:x1]), width, height, RESIZE_AND_FILL))
+        sd_image, sd_mask = _crop_scaled(init, region), _crop_scaled(blurred, region)
         overlay = blurred
     else:
         sd_image, sd_mask = init, blurred
@@ -86,6 +88,13 @@ def plan_inpaint(init: np.ndarray, edit_mask: np.ndarray, options: InpaintOption
     if options.inpainting_fill == FILL:
         sd_image = fill_masked(sd_image, sd_mask)
     return InpaintPlan(sd_image, latent_mask(sd_mask, latent_scale), init, overlay, region)
+
+
+def _crop_scaled(image: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    """The region of `image` scaled to the image's own size ("only masked")."""
+    x0, y0, x1, y1 = region
+    height, width = image.shape[:2]
+    return np.asarray(resize_plane(Image.fromarray(image[y0:y1, x0:x1]), width, height, RESIZE_AND_FILL))
 
 
 def latent_mask(mask: np.ndarray, scale: int) -> np.ndarray:

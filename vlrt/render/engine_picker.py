@@ -29,23 +29,31 @@ import torch
 from torch import nn
 
 from vlrt.engines.base import (
+    CONTROLNET,
     FASTDVDNET_BLOCK1,
     FASTDVDNET_BLOCK2,
     UNET,
+    UNET_CONTROL,
     VAE_DECODER,
     VAE_ENCODER,
     Engine,
     EngineSet,
+    control_names,
+    residual_names,
 )
-from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
+from vlrt.engines.modules import ControlNetModule, UNetControlModule, UNetModule, VaeDecoderModule, VaeEncoderModule
 from vlrt.engines.token_lengths import TokenLengthEngine
 from vlrt.engines.torch_engine import TorchEngine
 from vlrt.errors import VlrtError
+from vlrt.model.controlnet import residual_shapes
 from vlrt.model.loading import Model
 from vlrt.model.prompt_embeddings import CHUNK_LENGTH
 
 if TYPE_CHECKING:
     from vlrt.export.cache import EngineCache
+
+
+TEXT = "encoder_hidden_states"  # networks with a prompt axis get one engine per prompt length
 
 
 def default_engines_dir() -> Path:
@@ -65,6 +73,7 @@ class Network:
     component: str
     module: nn.Module
     example: dict[str, torch.Tensor]
+    names: tuple[tuple[str, ...], tuple[str, ...]] | None = None  # (inputs, outputs) where not the component's own
 
 
 def sd_networks(model: Model, height: int, width: int) -> list[Network]:
@@ -84,6 +93,21 @@ def sd_networks(model: Model, height: int, width: int) -> list[Network]:
         ),
         Network(VAE_ENCODER, VaeEncoderModule(model.vae), {"image": torch.rand(1, 3, height, width) * 2 - 1}),
         Network(VAE_DECODER, VaeDecoderModule(model.vae), {"latent": torch.randn(1, c, h, w)}),
+    ]
+
+
+def control_networks(model: Model, controlnets: list[nn.Module], height: int, width: int) -> list[Network]:
+    """The UNet that takes ControlNet residuals, then each ControlNet, at this resolution."""
+    unet = sd_networks(model, height, width)[0].example
+    shapes = residual_shapes(model, height, width)
+    residuals = {name: torch.randn(1, *shape) for name, shape in zip(residual_names(len(shapes)), shapes)}
+    control = {"controlnet_cond": torch.rand(1, 3, height, width), "conditioning_scale": torch.ones(1, len(shapes))}
+    return [
+        Network(UNET_CONTROL, UNetControlModule(model.unet), {**unet, **residuals}, control_names(UNET_CONTROL, len(shapes))),
+        *(
+            Network(CONTROLNET, ControlNetModule(c), {**unet, **control}, control_names(CONTROLNET, len(shapes)))
+            for c in controlnets
+        ),
     ]
 
 
@@ -158,7 +182,7 @@ def build_engines(
     if backend == "torch":
         dtypes = {"fp16": torch.float16, "fp32": torch.float32}
         return {
-            n.component: TorchEngine(n.component, n.module, max_batch, device, dtypes[precision_of(n.component)])
+            n.component: TorchEngine(n.component, n.module, max_batch, device, dtypes[precision_of(n.component)], n.names)
             for n in networks
         }
     from vlrt.export.cache import EngineCache
@@ -173,19 +197,19 @@ def build_engines(
             sized = net if tokens is None else with_tokens(net, tokens)
             return _cached_engine(cache, sized, hashes, backend, device, max_batch, precision_of(net.component), log)
 
-        if net.component == UNET:
-            tokens = int(net.example["encoder_hidden_states"].shape[1])
-            engines[UNET] = TokenLengthEngine({tokens: engine(tokens)}, engine)
+        if TEXT in net.example:
+            tokens = int(net.example[TEXT].shape[1])
+            engines[net.component] = TokenLengthEngine({tokens: engine(tokens)}, engine)
         else:
             engines[net.component] = engine(None)
     return engines
 
 
 def with_tokens(net: Network, tokens: int) -> Network:
-    """The UNet network with an example prompt of `tokens` tokens."""
-    states = net.example["encoder_hidden_states"]
-    example = {**net.example, "encoder_hidden_states": torch.randn(states.shape[0], tokens, states.shape[2])}
-    return Network(net.component, net.module, example)
+    """The network (UNet or ControlNet) with an example prompt of `tokens` tokens."""
+    states = net.example[TEXT]
+    example = {**net.example, TEXT: torch.randn(states.shape[0], tokens, states.shape[2])}
+    return Network(net.component, net.module, example, net.names)
 
 
 def _cached_engine(
@@ -207,7 +231,7 @@ def _cached_engine(
         structure_hash=hashes[1],
         height=height,
         width=width,
-        tokens=int(net.example["encoder_hidden_states"].shape[1]) if net.component == UNET else None,
+        tokens=int(net.example[TEXT].shape[1]) if TEXT in net.example else None,
         max_batch=max_batch,
         precision=precision,
         trt=TrtTarget.current(device) if backend == "trt" else None,
@@ -226,7 +250,7 @@ def _cached_engine(
 
         refit_from = None
         if (
-            net.component == UNET  # the only plan built refittable
+            net.component in (UNET, UNET_CONTROL)  # the only plans built refittable
             and base is not None
             and refit_supported(key.trt.tensorrt)
             and plan_mismatch(read_manifest(base) or {}, key, base) is None
@@ -235,7 +259,7 @@ def _cached_engine(
         timing = cache.root / f".timing-trt{key.trt.tensorrt}-sm{key.trt.compute_capability}.cache"
         make_plan = _plan_maker(net.component, max_batch, timing, refit_from, reweighted, built, log)
     folder = cache.find_or_build(net.component, key, _onnx_builder(net, precision, base, reweighted), make_plan)
-    engine = _load(backend, net.component, folder, max_batch, device)
+    engine = _load(backend, net.component, folder, max_batch, device, net.names)
     if built:
         try:
             check_engine(engine, net)
@@ -255,7 +279,7 @@ def _onnx_builder(net: Network, precision: str, base: Path | None, reweighted: l
     def build(folder: Path) -> None:
         done = base is not None and reweight_onnx(base / ONNX_FILE, net.module, folder / ONNX_FILE, precision)
         if not done:
-            export_onnx(net.component, net.module, net.example, folder / ONNX_FILE, precision=precision)
+            export_onnx(net.component, net.module, net.example, folder / ONNX_FILE, precision=precision, names=net.names)
         reweighted.append(done)
 
     return build
@@ -301,15 +325,17 @@ def check_engine(engine: Engine, net: Network, tolerance: float = 0.1) -> None:
     feed = {k: torch.cat([v, torch.randn_like(v) if k != "timestep" else v * 0.5]) for k, v in net.example.items()}
     with torch.inference_mode():
         want = net.module(**{k: v.to(param.device, torch.float32 if k == "timestep" else param.dtype) for k, v in feed.items()})
-    (got,) = engine(**{k: v.to(engine.device) for k, v in feed.items()}).values()
-    want = want.float().to(got.device)
-    diff = (got - want).abs().max().item()
-    if not diff <= tolerance * max(want.abs().max().item(), 1e-6):
-        path = getattr(engine, "path", engine.component)
-        raise VlrtError(
-            f"the freshly built {engine.component} engine {path} ({engine.backend}) differs from torch by {diff:.3g} "
-            f"(outputs up to {want.abs().max().item():.3g}); run with --precision fp32 or --backend torch, and report it"
-        )
+    outputs = engine(**{k: v.to(engine.device) for k, v in feed.items()}).values()
+    wants = want if isinstance(want, (tuple, list)) else (want,)  # a ControlNet gives its 13 residuals
+    for got, want in zip(outputs, wants, strict=True):
+        want = want.float().to(got.device)
+        diff = (got - want).abs().max().item()
+        if not diff <= tolerance * max(want.abs().max().item(), 1e-6):
+            path = getattr(engine, "path", engine.component)
+            raise VlrtError(
+                f"the freshly built {engine.component} engine {path} ({engine.backend}) differs from torch by {diff:.3g} "
+                f"(outputs up to {want.abs().max().item():.3g}); run with --precision fp32 or --backend torch, and report it"
+            )
 
 
 def _pixel_size(net: Network) -> tuple[int, int]:
@@ -318,14 +344,17 @@ def _pixel_size(net: Network) -> tuple[int, int]:
     return int(first.shape[-2]), int(first.shape[-1])
 
 
-def _load(backend: str, component: str, folder: Path, max_batch: int, device: torch.device) -> Engine:
+def _load(
+    backend: str, component: str, folder: Path, max_batch: int, device: torch.device,
+    names: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+) -> Engine:
     if backend == "trt":
         from vlrt.engines.trt_engine import TrtEngine
 
-        return TrtEngine(component, folder / "model.plan", max_batch, device)
+        return TrtEngine(component, folder / "model.plan", max_batch, device, names)
     from vlrt.engines.ort_engine import OrtEngine
 
-    return OrtEngine(component, folder / "model.onnx", max_batch, device)
+    return OrtEngine(component, folder / "model.onnx", max_batch, device, names=names)
 
 
 def open_engines(
@@ -334,6 +363,7 @@ def open_engines(
     model: Model | None,
     denoiser: nn.Module | None,
     device: torch.device,
+    controlnets: list[nn.Module] | None = None,
     height: int,
     width: int,
     max_batch: int,
@@ -342,7 +372,8 @@ def open_engines(
     log: Callable[[str], None],
     vae_precision: str = "auto",
 ) -> EngineSet:
-    """The engines of one run: SD's networks when there is a model, FastDVDnet's blocks when asked."""
+    """The engines of one run: SD's networks when there is a model, FastDVDnet's blocks when asked;
+    with `controlnets`, a UNet that takes their residuals and one engine per ControlNet."""
     backend = resolve_backend(backend, device, log)
     networks = []
     if model is not None:
@@ -350,19 +381,23 @@ def open_engines(
     if denoiser is not None:
         networks += fastdvdnet_networks(denoiser, height, width)
     precision = precision_for(backend, device, precision)
-    engines = build_engines(
-        networks,
-        backend,
-        device=device,
-        max_batch=max_batch,
-        precision=precision,
-        engines_dir=engines_dir,
-        log=log,
-        vae_precision=vae_precision_for(device, vae_precision, precision),
-    )
+    control = control_networks(model, controlnets, height, width) if model is not None and controlnets else []
+    if control:
+        networks = [control[0], *networks[1:]]
+
+    def build(nets: list[Network]) -> dict[str, Engine]:
+        return build_engines(
+            nets, backend, device=device, max_batch=max_batch, precision=precision, engines_dir=engines_dir, log=log,
+            vae_precision=vae_precision_for(device, vae_precision, precision),
+        )
+
+    engines = build(networks)
+    if control:
+        engines[UNET] = engines.pop(UNET_CONTROL)
+    controlnet_engines = tuple(build([net])[CONTROLNET] for net in control[1:])
     if backend != "torch" and device.type == "cuda":
-        _leave_gpu([n.module for n in networks])
-    return EngineSet(**engines)
+        _leave_gpu([n.module for n in [*networks, *control[1:]]])
+    return EngineSet(**engines, controlnets=controlnet_engines)
 
 
 def _leave_gpu(modules: list[nn.Module]) -> None:

@@ -24,6 +24,7 @@ from torch import nn
 
 from vlrt.engines.base import EngineSet
 from vlrt.errors import VlrtError
+from vlrt.executor.control import ControlRunner
 from vlrt.executor.executor import Executor
 from vlrt.frames import Frame
 from vlrt.image.color import FIRST
@@ -31,6 +32,7 @@ from vlrt.image.resize import resize_frame
 from vlrt.image.scene_cuts import parse_cut_list
 from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, SourceInfo, open_source
+from vlrt.model.controlnet import ControlNet, load_controlnets, residual_shapes
 from vlrt.model.loading import Model, ModelOptions, load_model
 from vlrt.model.prompt_syntax import split_lora_tags
 from vlrt.model.samplers import check_sampler
@@ -40,6 +42,7 @@ from vlrt.render.prepare import Preparer
 from vlrt.render.preview import PreviewCollector
 from vlrt.render.progress import Progress
 from vlrt.render.run_state import (
+    check_same_controlnets,
     check_same_loras,
     finished_folder_frames,
     finished_video_frames,
@@ -239,22 +242,25 @@ def render(
     device = pick_device(settings.device)
     if model is None:
         model = open_model(settings, device)
+    controlnets = load_controlnets(settings.controlnet, model)
+    records = controlnet_records(controlnets)
     if resume:
         check_same_loras(output_spec, model.loras)
+        check_same_controlnets(output_spec, records)
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
         settings, prepare = _settle(settings, source.info, model, resolver, progress.log)
-        executor = Executor(engines or _engines(settings, model, denoiser, device, progress.log))
+        executor = _executor(settings, model, denoiser, device, progress.log, controlnets, engines)
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
         taps = {}
         if settings.save_every_loop and output_spec == "-":
             progress.log("vlrt: save_every_loop ignored: the output is a pipe")
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
-        write_settings(settings, input_spec, output_spec, None, model.loras)
+        write_settings(settings, input_spec, output_spec, None, model.loras, controlnets=records)
         with executor:
             written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
-    write_settings(settings, input_spec, output_spec, written, model.loras, prepare.shots.cuts)
+    write_settings(settings, input_spec, output_spec, written, model.loras, controlnets=records, cuts=prepare.shots.cuts)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -369,14 +375,42 @@ def frame_times_for(settings: Settings, info: SourceInfo) -> list[Fraction] | No
     return info.frame_times if settings.output_frame_rate is None else None
 
 
+def controlnet_records(controlnets: list[ControlNet]) -> list[dict[str, str]]:
+    """What the settings file records of each unit's ControlNet (and --resume checks)."""
+    return [{"model": c.unit.model, "sha256": c.sha256} for c in controlnets]
+
+
+def _executor(
+    settings: Settings,
+    model: Model,
+    denoiser: nn.Module | None,
+    device: torch.device,
+    log: Callable[[str], None],
+    controlnets: list[ControlNet],
+    engines: EngineSet | None = None,
+) -> Executor:
+    """The executor of a render, with the runner of its ControlNet units when it has some (`engines`:
+    ready engines a benchmark brings)."""
+    engines = engines or _engines(settings, model, denoiser, device, log, controlnets)
+    if not controlnets:
+        return Executor(engines)
+    return Executor(engines, ControlRunner(engines.controlnets, residual_shapes(model, settings.height, settings.width)))
+
+
 def _engines(
-    settings: Settings, model: Model | None, denoiser: nn.Module | None, device: torch.device, log: Callable[[str], None]
+    settings: Settings,
+    model: Model | None,
+    denoiser: nn.Module | None,
+    device: torch.device,
+    log: Callable[[str], None],
+    controlnets: list[ControlNet] = (),
 ) -> EngineSet:
     return open_engines(
         settings.backend,
         model=model,
         denoiser=denoiser,
         device=device,
+        controlnets=[c.network for c in controlnets],
         height=settings.height,
         width=settings.width,
         max_batch=settings.max_batch,
@@ -435,7 +469,9 @@ def render_span(
     first = max(0, start - reach)
     with _open_source(settings, input_spec, None, start=first) as source:
         settings, prepare = _settle(settings, source.info, model, resolver, engine_log or progress.log)
-        executor = Executor(_engines(settings, model, denoiser, device, engine_log or progress.log))
+        executor = _executor(
+            settings, model, denoiser, device, engine_log or progress.log, load_controlnets(settings.controlnet, model)
+        )
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
         frames = takewhile(lambda f: f.index < stop + reach, iter(source))
@@ -461,6 +497,7 @@ class PreparedRender:
     audio: Path | None  # the file whose sound a video output carries
     loras: list[dict]  # the LoRA files fused into the model (path, scale, sha256), for the settings file
     times: list[Fraction] | None  # each frame's time in seconds at a variable rate, else None
+    controlnets: list[dict]  # each unit's ControlNet (model, sha256), for the settings file
 
 
 def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
@@ -472,9 +509,12 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     with _open_source(settings, input_spec, None, exact_count=True) as source:
         info = source.info
         settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed), log)
-    _engines(settings, model, denoiser, pick_device(settings.device), log)
-    return PreparedRender(settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
-                          frame_times_for(settings, info))
+    controlnets = load_controlnets(settings.controlnet, model)
+    _engines(settings, model, denoiser, pick_device(settings.device), log, controlnets)
+    return PreparedRender(
+        settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
+        frame_times_for(settings, info), controlnet_records(controlnets),
+    )
 
 
 def _settle(

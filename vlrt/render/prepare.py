@@ -10,10 +10,12 @@ input frame, and travels with it in `Frame.meta` (`Frame.with_image` keeps meta)
   difference-mask temporal method (the original frame itself when no folder is given);
 - "prompts": the (prompt, negative prompt) of `<frame>.txt`, with `read_prompt_from_txt`;
 - "color_anchor": the colour distribution the SD results are matched to (`color_correction`);
-- "shot": the first frame of the frame's shot (`scene_cuts`, `vlrt.image.scene_cuts`).
+- "shot": the first frame of the frame's shot (`scene_cuts`, `vlrt.image.scene_cuts`);
+- "control": the frame's ControlNet control map of every unit (`vlrt.render.control_images`).
 
 Prepared frames leave as tensors on the render device (picture and mask): from here to the sink
-they stay there. The references stay on the host, where the difference masks are made.
+they stay there. The references and control maps stay on the host, where the difference masks are
+made and the maps are cropped.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from vlrt.image.scene_cuts import ShotTracker
 from vlrt.image.temporal_diff import DIFFERENCE_METHOD, reference_lists
 from vlrt.io.images import read_image
 from vlrt.io.sources import SourceInfo
+from vlrt.render.control_images import ControlImages
 from vlrt.settings.config import Settings
 from vlrt.settings.prompt_files import read_prompt_file
 
@@ -61,6 +64,7 @@ class Preparer:
                 "read_prompt_from_txt needs an image-folder input (the prompt files sit beside the frames): "
                 "extract the frames into a folder, or turn it off"
             )
+        self.control = ControlImages(settings, exact_count, width, height) if settings.controlnet else None
         self.first_anchor: ColorAnchor | None = None
         self.shots = ShotTracker(settings.scene_cuts, settings.scene_cut_threshold, float(info.fps or 24))
 
@@ -82,6 +86,8 @@ class Preparer:
             meta["mask"] = invert_mask(mask) if self.settings.inpainting_mask_invert else mask
         if self.uses_references:
             meta["reference"] = self._references(frame)
+        if self.control is not None:
+            meta["control"] = self.control(frame)
         if self.settings.read_prompt_from_txt:
             meta["prompts"] = read_prompt_file(meta["path"])
         frame = replace(frame, meta=meta).on_device(self.device)

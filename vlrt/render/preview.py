@@ -4,6 +4,7 @@ the contact sheet of a parameter sweep (`vlrt preview`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from PIL import Image
 
 from vlrt.frames import Frame
 from vlrt.image.contact_sheet import contact_sheet
+from vlrt.settings.config import Settings, build_settings
+from vlrt.settings.controlnet import with_unit_value
 
 COLUMNS = 4
 
@@ -68,6 +71,15 @@ def parse_sweep(text: str) -> tuple[str, list[object]]:
             return value.strip()
 
     return name.strip().replace("-", "_"), [typed(v) for v in parts]
+
+
+def apply_sweep(settings: Settings, name: str, value: object) -> Settings:
+    """`settings` with one sweep value applied and checked (an unknown name or a wrong type fails before any work);
+    `controlnet.I.NAME` changes one field of ControlNet unit I."""
+    if name.startswith("controlnet."):
+        return replace(settings, controlnet=with_unit_value(settings.controlnet, name, value))
+    build_settings(overrides={name: value})
+    return replace(settings, **{name: value})
 
 
 def sweep_grid(

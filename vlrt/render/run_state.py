@@ -71,12 +71,19 @@ def check_outputs(
 
 
 def write_settings(
-    settings: Settings, input_spec: str, output_spec: str, frames: int | None, loras: list[dict[str, Any]] | None = None,
+    settings: Settings,
+    input_spec: str,
+    output_spec: str,
+    frames: int | None,
+    loras: list[dict[str, Any]] | None = None,
+    *,
+    controlnets: list[dict[str, Any]] | None = None,
     cuts: list[int] | None = None,
 ) -> None:
     """Record the run (atomically); `frames` None means the render is still under way. `loras`
-    (path, scale, sha256 of each file) says which LoRA files exactly the frames were made with;
-    `cuts` the scene cuts the render used (the first frame of each new shot)."""
+    (path, scale, sha256 of each file) and `controlnets` (model, sha256 of each unit's) say which
+    files exactly the frames were made with; `cuts` the scene cuts the render used (the first frame
+    of each new shot)."""
     path = settings_path(output_spec)
     if path is None:
         return
@@ -88,6 +95,8 @@ def write_settings(
         extra["lora"] = loras
     if cuts:
         extra["scene_cuts"] = sorted(cuts)
+    if controlnets:
+        extra["controlnet"] = controlnets
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
     tmp.replace(path)
@@ -106,15 +115,24 @@ def saved_settings(output: str) -> tuple[Settings, bool] | None:
 
 def check_same_loras(output: str, loras: list[dict[str, Any]]) -> None:
     """--resume: the LoRA files must be the very files the interrupted render used (same contents)."""
+    _check_same_files(output, "lora", loras, "LoRA files")
+
+
+def check_same_controlnets(output: str, controlnets: list[dict[str, Any]]) -> None:
+    """--resume: each ControlNet unit's model must be the very one the interrupted render used (same contents)."""
+    _check_same_files(output, "controlnet", controlnets, "ControlNet models")
+
+
+def _check_same_files(output: str, key: str, records: list[dict[str, Any]], what: str) -> None:
     path = settings_path(output)
     if path is None or not path.is_file():
         return
     import tomllib
 
-    saved = tomllib.loads(path.read_text(encoding="utf-8")).get("vlrt", {}).get("lora", [])
-    if [entry.get("sha256") for entry in saved] != [entry["sha256"] for entry in loras]:
+    saved = tomllib.loads(path.read_text(encoding="utf-8")).get("vlrt", {}).get(key, [])
+    if [entry.get("sha256") for entry in saved] != [entry["sha256"] for entry in records]:
         raise VlrtError(
-            "--resume: the LoRA files are not those the interrupted render used (their contents differ): "
+            f"--resume: the {what} are not those the interrupted render used (their contents differ): "
             "resume with the same files, or render again without --resume"
         )
 

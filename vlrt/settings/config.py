@@ -21,6 +21,7 @@ from vlrt.image.color import COLOR_MODES
 from vlrt.image.inpaint import FILLS
 from vlrt.image.masks import MISSING_POLICIES
 from vlrt.image.temporal_diff import DIFFERENCE_METHOD
+from vlrt.settings.controlnet import ControlNetUnit, units_from_setting
 
 # Field groups: "frames" settings change the rendered pictures (and must match on --resume);
 # "run" settings only change how the work is done or where it goes.
@@ -133,6 +134,10 @@ class Settings:
     lora: list[str] = _f([], "PATH[:SCALE] of a LoRA fused into the model (repeatable; a list in the config; scale 1 by default)")
     lora_dir: str = _f("", "folder where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors (subfolders too, "
                            "as the WebUI's models/Lora)")
+    controlnet: list[ControlNetUnit] = _f(
+        [], "ControlNet unit: a model PATH, or model=PATH,module=canny,weight=0.8,guidance_end=0.6,... with the WebUI "
+            "ControlNet API's names (repeatable; [[controlnet]] tables in the config)"
+    )
     clip_skip: int = _f(1, "CLIP skip as in the WebUI: 1 uses the text encoder's last layer, 2 the penultimate, ...")
     backend: str = _f(
         "auto", "engine backend: auto (TensorRT with a GPU, else ONNX Runtime), torch, ort, trt", group=RUN,
@@ -200,6 +205,8 @@ def _coerce(name: str, value: Any) -> Any:
     kind = f.type if isinstance(f.type, str) else f.type.__name__
     if value is None and "None" in kind:
         return None
+    if name == "controlnet":
+        return units_from_setting(value)
     try:
         if kind.startswith("bool"):
             if not isinstance(value, bool):
@@ -262,7 +269,10 @@ def load_config(path: Path) -> dict[str, Any]:
         raise VlrtError(f"config file {path} does not exist: check the --config path") from None
     except tomllib.TOMLDecodeError as exc:
         raise VlrtError(f"config file {path} is not valid TOML: {exc}") from None
-    return data.get("render", data)
+    settings = data.get("render", data)
+    if "render" in data and "controlnet" in data:  # [[controlnet]] tables beside a [render] table
+        settings = {**settings, "controlnet": [*settings.get("controlnet", []), *data["controlnet"]]}
+    return settings
 
 
 def dump_settings(settings: Settings, extra: dict[str, Any] | None = None) -> str:

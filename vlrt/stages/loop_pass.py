@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from vlrt.errors import VlrtError
+from vlrt.executor.control import control_inputs
 from vlrt.executor.executor import Executor
 from vlrt.executor.jobs import Img2ImgJob
 from vlrt.frames import Frame
@@ -123,7 +124,7 @@ class LoopPass(Stage):
                 init = composite(init, frame.image, mask)  # the temporal blend acts inside the mask only
                 plan = plan_inpaint(init.cpu().numpy(), mask.cpu().numpy(), self.inpaint, self.model.vae_scale_factor)
                 init = torch.from_numpy(plan.sd_image).to(frame.image.device)
-            jobs = self._jobs(init, params, plan)
+            jobs = self._jobs(init, params, plan, frame.meta.get("control", ()))
         for job in jobs:
             self.executor.submit(job)
         self.requests[f] = _Request(params, jobs, plan)
@@ -143,8 +144,13 @@ class LoopPass(Stage):
             return diff_mask_blend(frames, refs, slot_weights, offsets.index(0), self.rounding)
         return blend.temporal_simple(frames, slot_weights, offsets.index(0), self.rounding)
 
-    def _jobs(self, init: torch.Tensor, params: FrameParams, plan: InpaintPlan | None) -> list[Img2ImgJob]:
+    def _jobs(
+        self, init: torch.Tensor, params: FrameParams, plan: InpaintPlan | None, control_maps: tuple[np.ndarray, ...]
+    ) -> list[Img2ImgJob]:
         cond, uncond = self.model.encode_pair(params.prompt, params.negative_prompt)
+        control = control_inputs(
+            self.settings.controlnet, [m if plan is None else plan.sd_view(m) for m in control_maps], init.device
+        )
         return [
             Img2ImgJob(
                 init,
@@ -160,6 +166,7 @@ class LoopPass(Stage):
                 shift_factor=self.model.shift_factor,
                 latent_mask=None if plan is None else plan.latent_mask,
                 fill=self.inpaint.inpainting_fill,
+                control=control,
             )
             for seed, subseed in params.sample_seeds()
         ]

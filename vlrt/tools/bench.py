@@ -11,7 +11,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import av
 import numpy as np
 import torch
 
+from vlrt.engines.base import CONTROLNET, UNET, UNET_CONTROL, Engine
 from vlrt.frames import Frame
 from vlrt.io.sinks import open_sink
 from vlrt.settings.config import Settings, build_settings
@@ -114,6 +117,54 @@ def bench_throughput(
                 for n in frames:
                     times[name, n] = min(times[name, n], time_render(replace(base, **overrides), clips[n], model, 1))
     return {name: (long - short) / (times[name, long] - times[name, short]) for name in configs}
+
+
+@contextmanager
+def engine_seconds() -> Iterator[dict[str, float]]:
+    """Wall time spent in each component's engine calls while the context is open."""
+    spent: dict[str, float] = defaultdict(float)
+    original = Engine.__call__
+
+    def timed(self: Engine, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        try:
+            return original(self, **feed)
+        finally:
+            spent[self.component] += time.perf_counter() - started
+
+    Engine.__call__ = timed  # type: ignore[method-assign]
+    try:
+        yield spent
+    finally:
+        Engine.__call__ = original  # type: ignore[method-assign]
+
+
+def bench_controlnet(frames: tuple[int, int] = (12, 36), size: tuple[int, int] = (64, 64), repeats: int = 2) -> dict:
+    """Throughput with 0, 1 and 2 ControlNet units (random tiny ControlNets of the demo UNet, ort, batching on),
+    and the time in the ControlNet engines per frame in UNet-equivalents (their seconds over the UNet's, same render)."""
+    from diffusers import ControlNetModel
+
+    from vlrt.model.loading import load_model
+    from vlrt.settings.controlnet import ControlNetUnit
+
+    model = load_model("demo", torch.device("cpu"))
+    hint = tuple(16 * 2**i for i in range(model.vae_scale_factor.bit_length()))  # downscales by the VAE's factor
+    with tempfile.TemporaryDirectory() as tmp:
+        units = []
+        for i in range(2):
+            ControlNetModel.from_unet(model.unet, conditioning_embedding_out_channels=hint).save_pretrained(Path(tmp) / f"cn{i}")
+            units.append(ControlNetUnit(model=str(Path(tmp) / f"cn{i}")))
+        configs = {f"{n} unit{'s' if n != 1 else ''}": dict(backend="ort", max_batch=16, controlnet=units[:n]) for n in range(3)}
+        fps = bench_throughput(configs, frames, size, repeats)
+        shares = {}
+        clip = _write_clip(Path(tmp) / "clip.mkv", frames[1], size)
+        base = build_settings(overrides=dict(model="demo", loop_n=2, steps=8, denoising_strength=0.5, seed=1, cfg_scale=5.0,
+                                             temporal_superimpose_alpha_list="0.2,0.6,0.2"))
+        for name, overrides in configs.items():
+            with engine_seconds() as spent:
+                time_render(replace(base, **overrides), clip, model, 1)
+            shares[name] = ((spent[UNET] + spent[UNET_CONTROL]) / frames[1], spent[CONTROLNET] / frames[1])
+    return {"fps": fps, "seconds": shares}
 
 
 def bench_color_drift(modes: tuple[str, ...] = ("none", "original", "first"), loop_n: int = 8, frames: int = 12,
@@ -284,7 +335,8 @@ def bench_demo_1080p(frames: int = 3) -> dict:
     return {"peak_rss_gib": rss / 2**30, "seconds": seconds, "size": size}
 
 
-SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "demo1080", "samplers", "occupancy")
+SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "demo1080", "samplers", "controlnet",
+            "occupancy")
 
 
 def run(sections: list[str], out: Callable[[str], None] = print, profile: str = "h100", as_json: bool = False) -> None:
@@ -312,6 +364,15 @@ def run(sections: list[str], out: Callable[[str], None] = print, profile: str = 
         base = fps["torch, batching off"]
         out("## Throughput (demo model, 64×64, loop_n 2, 8 steps × 0.5, CFG, 3-tap temporal; frames/s of 36 − 12 frames)\n")
         out(table([(k, f"{v:.2f}", f"{v / base:.2f}×") for k, v in fps.items()], ("configuration", "frames/s", "vs torch off")))
+        out("")
+    if "controlnet" in sections:
+        r = bench_controlnet()
+        off = r["fps"]["0 units"]
+        out("## ControlNet units (demo model, random tiny ControlNets, ort, max_batch 16, 64×64, loop_n 2, 8 steps × 0.5, "
+            "CFG; frames/s of 36 − 12 frames; engine seconds per frame of one 36-frame render)\n")
+        rows = [(name, f"{v:.2f}", f"{v / off:.2f}×", f"{r['seconds'][name][0] * 1e3:.0f}", f"{r['seconds'][name][1] * 1e3:.0f}",
+                 f"{r['seconds'][name][1] / r['seconds'][name][0]:.2f}") for name, v in r["fps"].items()]
+        out(table(rows, ("units", "frames/s", "vs none", "UNet ms/frame", "ControlNet ms/frame", "ControlNet in UNet-equivalents")))
         out("")
     if "memory" in sections:
         m = bench_memory()

@@ -1,0 +1,34 @@
+"""Tiny random ControlNets for tests, built from a model's UNet, and diffusers' ControlNet img2img pipeline as the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+
+def make_tiny_controlnet(model, folder: Path, seed: int) -> Path:
+    """A ControlNet of `model`'s UNet whose zero convolutions get random weights, so it steers the frames."""
+    hint_blocks = {2: (16, 32), 4: (16, 32, 64), 8: (16, 32, 96, 256)}[model.vae_scale_factor]
+    controlnet = ControlNetModel.from_unet(model.unet, conditioning_embedding_out_channels=hint_blocks)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.6)
+    controlnet.save_pretrained(folder)
+    return folder
+
+
+def controlnet_pipeline(model, controlnet_dirs: list[Path], scheduler) -> StableDiffusionControlNetImg2ImgPipeline:
+    """diffusers' ControlNet img2img pipeline on the model's own modules (one ControlNet, or several as MultiControlNetModel)."""
+    nets = [ControlNetModel.from_pretrained(d, local_files_only=True) for d in controlnet_dirs]
+    pipe = StableDiffusionControlNetImg2ImgPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+        controlnet=nets[0] if len(nets) == 1 else MultiControlNetModel(nets), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
