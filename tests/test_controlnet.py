@@ -223,7 +223,7 @@ def test_every_pass_feeds_the_original_frame_as_control(demo_model, controlnet_d
         control = (job.control[0].image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         matches = [i for i, o in enumerate(originals) if np.array_equal(o, control)]
         assert len(matches) == 1
-        by_image.setdefault(matches[0], []).append(job.image)
+        by_image.setdefault(matches[0], []).append(job.image.cpu().numpy())
     assert sorted(by_image) == list(range(6)) and all(len(v) == 3 for v in by_image.values())
     # Passes 2 and 3 start from pictures that differ from the originals: feeding those would change the control.
     assert all(_max_diff(images[-1], originals[f]) > 10 for f, images in by_image.items())
