@@ -28,6 +28,7 @@ import torch
 from vlrt.engines.base import EngineSet
 from vlrt.executor.control import ControlRunner
 from vlrt.executor.jobs import Img2ImgJob, Phase
+from vlrt.model import sampler_steps
 
 
 class Executor:
@@ -109,20 +110,53 @@ def _encode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
 
 
 def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> None:
-    for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), tuple(j.cond.shape))):
-        inputs = [j.unet_input() for j in group]
-        feed = dict(
-            sample=torch.cat([i[0] for i in inputs]),
-            timestep=torch.cat([i[1] for i in inputs]),
-            encoder_hidden_states=torch.cat([i[2] for i in inputs]),
-        )
+    for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), tuple(j.cond.shape), j.traj is None)):
+        if group[0].traj is None:
+            inputs = [j.unet_input() for j in group]
+            feed = dict(
+                sample=torch.cat([i[0] for i in inputs]),
+                timestep=torch.cat([i[1] for i in inputs]),
+                encoder_hidden_states=torch.cat([i[2] for i in inputs]),
+            )
+        else:
+            latents = torch.cat([j.latents for j in group]).float()
+            rows = [k for k, j in enumerate(group) for _ in range(j.rows)]
+            trajs = [group[k].traj for k in rows]
+            feed = dict(
+                sample=sampler_steps.scale_model_input(trajs, latents[rows]),
+                timestep=sampler_steps.model_timesteps(trajs, latents.device),
+                encoder_hidden_states=torch.cat([j.embeddings for j in group]),
+            )
         if control is not None:
             feed.update(control.residuals(group, **feed))
         pred = engines.unet(**feed)["noise_pred"]
-        start = 0
-        for job in group:
-            job.take_noise_pred(pred[start : start + job.rows])
-            start += job.rows
+        if group[0].traj is None:
+            start = 0
+            for job in group:
+                job.take_noise_pred(pred[start : start + job.rows])
+                start += job.rows
+        else:
+            _step_together(group, latents, pred.float())
+
+
+def _step_together(jobs: list[Img2ImgJob], latents: torch.Tensor, pred: torch.Tensor) -> None:
+    """One sampler step of every job at once: CFG mixed over the batch, then one batched step per
+    sampler rule (vlrt.model.sampler_steps), each job's fresh noise from its own generator."""
+    ends = torch.tensor([j.rows for j in jobs], device=pred.device).cumsum(0)
+    cond, uncond = pred[ends - 1], pred[ends - torch.tensor([j.rows for j in jobs], device=pred.device)]
+    scale = torch.tensor([j.guidance for j in jobs], dtype=torch.float32, device=pred.device).view(-1, *[1] * (pred.dim() - 1))
+    cfg = torch.tensor([j.cfg for j in jobs], device=pred.device).view_as(scale)
+    guided = torch.where(cfg, uncond + scale * (cond - uncond), cond)
+    stepped = torch.empty_like(latents)
+    rules: dict[object, list[int]] = {}
+    for k, job in enumerate(jobs):
+        rules.setdefault(job.traj.group, []).append(k)
+    for members in rules.values():
+        trajs = [jobs[k].traj for k in members]
+        noise = sampler_steps.draw_noise(trajs, [jobs[k].generator for k in members], tuple(latents.shape[1:]), latents.device)
+        stepped[members] = sampler_steps.step(trajs, guided[members], latents[members], noise)
+    for k, job in enumerate(jobs):
+        job.advanced(stepped[k : k + 1])
 
 
 def _decode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:

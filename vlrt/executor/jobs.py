@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from vlrt.executor.control import ControlInput
 from vlrt.executor.noise import generator, variation_noise
 from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
+from vlrt.model.sampler_steps import add_noise, plan
+from vlrt.model.samplers import make_scheduler
 
 
 class Phase(Enum):
@@ -58,7 +61,9 @@ class Img2ImgJob:
         cond: torch.Tensor,
         uncond: torch.Tensor,
         guidance: float,
-        scheduler: SchedulerMixin,
+        sampler_name: str,
+        scheduler_config: dict[str, Any],
+        steps: int,
         strength: float,
         seed: int,
         subseed: int,
@@ -77,19 +82,26 @@ class Img2ImgJob:
         self.cond, self.uncond = cond, uncond
         self.guidance = guidance
         self.cfg = guidance > 1.0
-        self.scheduler = scheduler
         self.generator = generator(seed)
         self.subseed = subseed
         self.subseed_strength = subseed_strength
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
-        steps = len(scheduler.timesteps) // scheduler.order
-        init_steps = min(int(steps * strength), steps)
-        t_start = max(steps - init_steps, 0)
-        self.timesteps = scheduler.timesteps[t_start * scheduler.order :]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * scheduler.order)
-        self.step_kwargs = {"generator": self.generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
         self.device = image.device
+        # The executor steps jobs with a trajectory together (vlrt.model.sampler_steps); a sampler
+        # without a batched rule keeps diffusers' scheduler, stepped per job.
+        self.traj = plan(sampler_name, scheduler_config, steps, strength, self.device)
+        self.scheduler: SchedulerMixin | None = None
+        if self.traj is not None:
+            self.timesteps = self.traj.timesteps
+        else:
+            self.scheduler = scheduler = make_scheduler(sampler_name, scheduler_config, steps)
+            init_steps = min(int(steps * strength), steps)
+            t_start = max(steps - init_steps, 0)
+            self.timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
+            takes_generator = "generator" in inspect.signature(scheduler.step).parameters
+            self.step_kwargs = {"generator": self.generator} if takes_generator else {}
         self.edit = None if latent_mask is None else torch.as_tensor(latent_mask).to(self.device)[None, None]
         self.fill = fill
         self.control = control
@@ -119,31 +131,45 @@ class Img2ImgJob:
                 init = init * (1 - self.edit) + noise * self.edit
             elif self.fill == LATENT_NOTHING:
                 init = init * (1 - self.edit)
-        self.latents = self.scheduler.add_noise(init, noise, self.timesteps[:1])
+        self.latents = self._noised(init, noise, 0)
         self.phase = Phase.DENOISE
+
+    def _noised(self, init: torch.Tensor, noise: torch.Tensor, at: int) -> torch.Tensor:
+        """`init` noised to this job's step `at`, as the sampler's `add_noise`."""
+        if self.traj is not None:
+            return add_noise([self.traj], init, noise, [at])
+        return self.scheduler.add_noise(init, noise, self.timesteps[at : at + 1])
 
     # --- DENOISE ---
     @property
     def rows(self) -> int:
         return 2 if self.cfg else 1
 
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """This job's text embeddings, one per UNet row (unconditional first)."""
+        return torch.cat([self.uncond, self.cond]) if self.cfg else self.cond
+
     def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This job's UNet rows: (sample, timestep, text embeddings), unconditional row first."""
+        """This job's UNet rows with its own scheduler: (sample, timestep, text embeddings)."""
         t = self.timesteps[self.index]
         latents = torch.cat([self.latents] * self.rows)
         sample = self.scheduler.scale_model_input(latents, t)
         timestep = torch.full((self.rows,), float(t), dtype=torch.float32, device=self.device)
-        embeds = torch.cat([self.uncond, self.cond]) if self.cfg else self.cond
-        return sample, timestep, embeds
+        return sample, timestep, self.embeddings
 
     def take_noise_pred(self, noise_pred: torch.Tensor) -> None:
-        """Advance the scheduler one step with this job's rows of the UNet output."""
+        """Advance this job's own scheduler one step with its rows of the UNet output."""
         noise_pred = noise_pred.float()
         if self.cfg:
             uncond, cond = noise_pred.chunk(2)
             noise_pred = uncond + self.guidance * (cond - uncond)
         t = self.timesteps[self.index]
-        self.latents = self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0]
+        self.advanced(self.scheduler.step(noise_pred, t, self.latents, **self.step_kwargs, return_dict=False)[0])
+
+    def advanced(self, latents: torch.Tensor) -> None:
+        """Take the latents after this job's next step (from its scheduler or the batched step)."""
+        self.latents = latents
         self.index += 1
         if self.edit is not None:
             self._keep_unmasked()
@@ -154,7 +180,7 @@ class Img2ImgJob:
         """Outside the latent mask, put back the init latents noised to the next step (none after the last)."""
         keep = self.init_latents
         if self.index < len(self.timesteps):
-            keep = self.scheduler.add_noise(keep, self.noise, self.timesteps[self.index : self.index + 1])
+            keep = self._noised(keep, self.noise, self.index)
         self.latents = keep * (1 - self.edit) + self.latents * self.edit
 
     # --- DECODE ---

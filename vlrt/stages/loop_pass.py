@@ -37,7 +37,6 @@ from vlrt.image.inpaint import InpaintOptions, InpaintPlan, plan_inpaint
 from vlrt.image.masks import composite
 from vlrt.image.temporal_diff import DIFFERENCE_METHOD, diff_mask_blend
 from vlrt.model.loading import Model
-from vlrt.model.samplers import make_scheduler
 from vlrt.settings.config import Settings
 from vlrt.settings.params import FrameParams, ParamResolver
 from vlrt.settings.prompt_files import frame_prompts
@@ -157,7 +156,9 @@ class LoopPass(Stage):
                 cond,
                 uncond,
                 guidance=params.cfg_scale,
-                scheduler=make_scheduler(self.settings.sampler_name, self.model.scheduler_config, params.steps),
+                sampler_name=self.settings.sampler_name,
+                scheduler_config=self.model.scheduler_config,
+                steps=params.steps,
                 strength=params.denoising_strength,
                 seed=seed,
                 subseed=subseed,
