@@ -79,6 +79,7 @@ class Engine(ABC):
         self.device = device
         self.input_names, self.output_names = names or (INPUT_NAMES[component], OUTPUT_NAMES[component])
         self.calls = 0
+        self._checks: list[tuple[torch.Tensor, str, int, int]] = []
 
     @abstractmethod
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -97,18 +98,30 @@ class Engine(ABC):
         return self._finite({k: torch.cat([p[k] for p in parts]) for k in parts[0]}, rows)
 
     def _finite(self, outputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
-        """`outputs`, or a VlrtError: a NaN would decode to a black frame and feed the next loop pass.
-
-        One reduction per output and call (on a GPU, one small device-to-host read).
-        """
+        """`outputs`, checked for NaN or infinite values: a NaN would decode to a black frame and feed
+        the next loop pass. One reduction per output and call; on a GPU its result is read at the
+        next `synchronize` (the end of the executor's round), so the check never stalls the queue."""
         for name, value in outputs.items():
-            if not bool(torch.isfinite(value).all()):
+            self._checks.append((torch.isfinite(value).all(), name, self.calls, rows))
+        if self.device.type != "cuda":
+            self._read_checks()
+        return outputs
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device, then raise on any non-finite output since the last time."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        self._read_checks()
+
+    def _read_checks(self) -> None:
+        checks, self._checks = self._checks, []
+        for finite, name, call, rows in checks:
+            if not bool(finite):
                 raise VlrtError(
                     f"the {self.component} engine ({self.backend}) returned NaN or infinite values in {name!r} "
-                    f"(call {self.calls}, {rows} rows): an fp16 overflow or a broken engine; "
+                    f"(call {call}, {rows} rows): an fp16 overflow or a broken engine; "
                     "run with --precision fp32 or --backend torch, and report it if it persists"
                 )
-        return outputs
 
 
 @dataclass
@@ -127,6 +140,11 @@ class EngineSet:
         if engine is None:
             raise KeyError(f"no {component} engine in this render")
         return engine
+
+    def synchronize(self) -> None:
+        """Wait until every engine's queued work is done (a round's end): results may then be read."""
+        for engine in [*(e for e in vars(self).values() if isinstance(e, Engine)), *self.controlnets]:
+            engine.synchronize()
 
     @property
     def calls(self) -> dict[str, int]:

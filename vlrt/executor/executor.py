@@ -13,6 +13,9 @@ encoding finished frames). `run_once()` waits for the round in flight, hands its
 the stages (`job.done`), and starts the next round with every job pending at that moment, then
 returns at once. A round's jobs are therefore fixed by what the stages submitted before it
 started, never by how long anything took: the batches, and so the frames, do not depend on timing.
+Within a round nothing waits for the device: engine calls and the sampler's tensor ops are queued
+(on a GPU) while the engine thread prepares the next call; the round ends with one
+`EngineSet.synchronize`, which also reads the engines' non-finite checks.
 Engine calls outside jobs (FastDVDNet's blocks, `run`) go through the same thread, after the
 round in flight, so one engine thread owns the device's work.
 """
@@ -99,6 +102,7 @@ def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
         _denoise(engines, control, by_phase[Phase.DENOISE])
     if by_phase[Phase.ENCODE]:
         _encode(engines, by_phase[Phase.ENCODE])
+    engines.synchronize()  # the round's results are complete before the stages may read them
     return jobs
 
 

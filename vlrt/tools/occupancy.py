@@ -1,8 +1,9 @@
 """`vlrt bench occupancy`: how busy the host would keep a GPU, measured without one.
 
-The engines are stand-ins for a modelled device: each call waits `a + b·rows` milliseconds (the
-time TensorRT fp16 would take on that GPU for SD 1.5 at 512×512) and returns tensors of the right
-shapes. Everything else is the real renderer: the source decodes a real 512×512 clip, the stages,
+The engines are stand-ins for a modelled device: each call queues `a + b·rows` milliseconds of
+device time (what TensorRT fp16 would take on that GPU for SD 1.5 at 512×512) and returns tensors
+of the right shapes at once, as an asynchronous GPU call returns; the executor waits for the device
+at the end of each round, as it would on a GPU. Everything else is the real renderer: the source decodes a real 512×512 clip, the stages,
 executor and samplers run as in any render, and the sink encodes an mp4. Occupancy is the
 engines' busy time over the wall time: where it is low, the host is the bottleneck and a real GPU
 would sit idle. What this does not measure: a real GPU (transfer costs, kernel overlap, the
@@ -39,30 +40,46 @@ CASES: dict[str, dict] = {
 }
 
 
-class ModelledEngine(Engine):
-    """An engine that takes the modelled device time and returns outputs of the right shapes.
+class ModelledDevice:
+    """The modelled GPU's queue: calls run one after another, each starting when the device is free.
 
-    The wait is a sleep, so, like a GPU, it leaves the host's CPU free for other work; the time
-    spent is added to `busy` (seconds).
+    Like CUDA work, a call returns at once; the host waits only in `synchronize` (the end of each
+    executor round), so host work before that overlaps the device's. `busy` is the device time (s).
     """
 
-    backend = "modelled"
-
-    def __init__(self, component: str, cost_ms: tuple[float, float], max_batch: int, scale: int, channels: int) -> None:
-        super().__init__(component, max_batch, torch.device("cpu"))
-        self.cost_ms, self.scale, self.channels = cost_ms, scale, channels
+    def __init__(self) -> None:
+        self.free_at = 0.0
         self.busy = 0.0
         self._lock = threading.Lock()
 
-    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        first = next(iter(feed.values()))
-        rows = first.shape[0]
-        started = time.perf_counter()
-        time.sleep((self.cost_ms[0] + self.cost_ms[1] * rows) / 1000)
-        out = self._outputs(feed, rows)
+    def enqueue(self, seconds: float) -> None:
         with self._lock:
-            self.busy += time.perf_counter() - started
-        return out
+            self.free_at = max(time.perf_counter(), self.free_at) + seconds
+            self.busy += seconds
+
+    def synchronize(self) -> None:
+        time.sleep(max(0.0, self.free_at - time.perf_counter()))
+
+
+class ModelledEngine(Engine):
+    """An engine that queues the modelled device time (`a + b·rows` ms) and returns outputs of the right shapes."""
+
+    backend = "modelled"
+
+    def __init__(self, component: str, cost_ms: tuple[float, float], max_batch: int, scale: int, channels: int,
+                 device: ModelledDevice | None = None) -> None:
+        super().__init__(component, max_batch, torch.device("cpu"))
+        self.cost_ms, self.scale, self.channels = cost_ms, scale, channels
+        self.modelled = device or ModelledDevice()
+
+    def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rows = next(iter(feed.values())).shape[0]
+        self.modelled.enqueue((self.cost_ms[0] + self.cost_ms[1] * rows) / 1000)
+        return self._outputs(feed, rows)
+
+    def synchronize(self) -> None:
+        self.modelled.synchronize()
+        super().synchronize()
 
     def _outputs(self, feed: Mapping[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
         if self.component == UNET:
@@ -77,9 +94,12 @@ class ModelledEngine(Engine):
         return {"image": picture}
 
 
-def modelled_engines(profile: str, max_batch: int, scale: int = 8, channels: int = 4) -> EngineSet:
+def modelled_engines(profile: str, max_batch: int, scale: int = 8, channels: int = 4) -> tuple[EngineSet, ModelledDevice]:
+    """The stand-in engines of one modelled GPU, and that GPU's queue."""
+    device = ModelledDevice()
     costs = PROFILES[profile]
-    return EngineSet(**{name: ModelledEngine(name, cost, max_batch, scale, channels) for name, cost in costs.items()})
+    engines = EngineSet(**{name: ModelledEngine(name, cost, max_batch, scale, channels, device) for name, cost in costs.items()})
+    return engines, device
 
 
 def _scale8_model():
@@ -140,10 +160,9 @@ def bench_occupancy(profile: str = "h100", frames: int = 24, size: tuple[int, in
             settings = build_settings(overrides=dict(
                 model="demo", seed=1, temporal_superimpose_alpha_list="0.2,0.6,0.2", max_batch=max_batch, **overrides
             ))
-            engines = modelled_engines(profile, max_batch)
+            engines, device = modelled_engines(profile, max_batch)
             started = time.perf_counter()
             render(settings, str(clip), str(Path(tmp) / "out.mp4"), quiet=True, model=model, engines=engines)
             wall = time.perf_counter() - started
-            busy = sum(e.busy for e in vars(engines).values() if isinstance(e, ModelledEngine))
-            results.append(Occupancy(profile, name, frames, wall, busy, engines.calls))
+            results.append(Occupancy(profile, name, frames, wall, device.busy, engines.calls))
     return results
