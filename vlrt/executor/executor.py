@@ -124,10 +124,11 @@ def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
             )
         else:
             latents = torch.cat([j.latents for j in group]).float()
-            rows = [k for k, j in enumerate(group) for _ in range(j.rows)]
-            trajs = [group[k].traj for k in rows]
+            trajs = [j.traj for j in group for _ in range(j.rows)]
             feed = dict(
-                sample=sampler_steps.scale_model_input(trajs, latents[rows]),
+                # cat, not indexing: it keeps the latents' memory format (the UNet's, channels-last
+                # on the CPU), so the networks see the very strides diffusers' pipelines give them
+                sample=sampler_steps.scale_model_input(trajs, torch.cat([j.latents for j in group for _ in range(j.rows)])),
                 timestep=sampler_steps.model_timesteps(trajs, latents.device),
                 encoder_hidden_states=torch.cat([j.embeddings for j in group]),
             )
@@ -151,7 +152,7 @@ def _step_together(jobs: list[Img2ImgJob], latents: torch.Tensor, pred: torch.Te
     scale = torch.tensor([j.guidance for j in jobs], dtype=torch.float32, device=pred.device).view(-1, *[1] * (pred.dim() - 1))
     cfg = torch.tensor([j.cfg for j in jobs], device=pred.device).view_as(scale)
     guided = torch.where(cfg, uncond + scale * (cond - uncond), cond)
-    stepped = torch.empty_like(latents)
+    stepped = torch.empty_like(pred[: len(jobs)])  # the UNet output's memory format, as a scheduler's step keeps it
     rules: dict[object, list[int]] = {}
     for k, job in enumerate(jobs):
         rules.setdefault(job.traj.group, []).append(k)
