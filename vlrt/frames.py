@@ -44,8 +44,8 @@ class Frame:
         """This frame with its picture (and mask) as tensors on `device`."""
         meta = dict(self.meta)
         if "mask" in meta:
-            meta["mask"] = torch.as_tensor(meta["mask"]).to(device)
-        return replace(self, image=torch.as_tensor(self.image).to(device), meta=meta)
+            meta["mask"] = picture_tensor(meta["mask"], device)
+        return replace(self, image=picture_tensor(self.image, device), meta=meta)
 
     def on_host(self) -> Frame:
         """This frame with its picture (and mask) as numpy arrays, for sinks and files."""
@@ -55,3 +55,10 @@ class Frame:
         if isinstance(meta.get("mask"), torch.Tensor):
             meta["mask"] = meta["mask"].cpu().numpy()
         return replace(self, image=self.image.cpu().numpy(), meta=meta)
+
+
+def picture_tensor(picture: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A picture as a tensor on `device`; a read-only array (a decoder's) is copied, as torch cannot share it."""
+    if isinstance(picture, np.ndarray) and not picture.flags.writeable:
+        picture = picture.copy()
+    return torch.as_tensor(picture).to(device)

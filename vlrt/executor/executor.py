@@ -124,11 +124,10 @@ def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
             )
         else:
             latents = torch.cat([j.latents for j in group]).float()
-            trajs = [j.traj for j in group for _ in range(j.rows)]
+            rows = [k for k, j in enumerate(group) for _ in range(j.rows)]
+            trajs = [group[k].traj for k in rows]
             feed = dict(
-                # cat, not indexing: it keeps the latents' memory format (the UNet's, channels-last
-                # on the CPU), so the networks see the very strides diffusers' pipelines give them
-                sample=sampler_steps.scale_model_input(trajs, torch.cat([j.latents for j in group for _ in range(j.rows)])),
+                sample=sampler_steps.scale_model_input(trajs, latents[rows]),
                 timestep=sampler_steps.model_timesteps(trajs, latents.device),
                 encoder_hidden_states=torch.cat([j.embeddings for j in group]),
             )
@@ -147,12 +146,13 @@ def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
 def _step_together(jobs: list[Img2ImgJob], latents: torch.Tensor, pred: torch.Tensor) -> None:
     """One sampler step of every job at once: CFG mixed over the batch, then one batched step per
     sampler rule (vlrt.model.sampler_steps), each job's fresh noise from its own generator."""
-    ends = torch.tensor([j.rows for j in jobs], device=pred.device).cumsum(0)
-    cond, uncond = pred[ends - 1], pred[ends - torch.tensor([j.rows for j in jobs], device=pred.device)]
+    rows = torch.tensor([j.rows for j in jobs], device=pred.device)
+    ends = rows.cumsum(0)
+    cond, uncond = pred[ends - 1], pred[ends - rows]  # a job without CFG has one row: both are it
     scale = torch.tensor([j.guidance for j in jobs], dtype=torch.float32, device=pred.device).view(-1, *[1] * (pred.dim() - 1))
     cfg = torch.tensor([j.cfg for j in jobs], device=pred.device).view_as(scale)
     guided = torch.where(cfg, uncond + scale * (cond - uncond), cond)
-    stepped = torch.empty_like(pred[: len(jobs)])  # the UNet output's memory format, as a scheduler's step keeps it
+    stepped = torch.empty_like(latents)
     rules: dict[object, list[int]] = {}
     for k, job in enumerate(jobs):
         rules.setdefault(job.traj.group, []).append(k)

@@ -17,6 +17,8 @@ that per-channel RGB matching gives.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 NONE = "none"
@@ -42,10 +44,16 @@ _LINEAR = _decode(torch.arange(256, dtype=torch.float64) / 255.0)  # every 8-bit
 _LINEAR_EDGES = _decode((torch.arange(255, dtype=torch.float64) + 0.5) / 255.0)  # linear values halfway (in sRGB) between codes
 
 
+@lru_cache(maxsize=8)
+def _tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The conversion's constants on `device`, copied there once (every frame of every pass uses them)."""
+    return tuple(t.to(device) for t in (_LINEAR, _RGB_TO_XYZ.T, _WHITE, _XYZ_TO_RGB.T, _LINEAR_EDGES))
+
+
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """uint8 sRGB (..., 3) to float64 CIELAB (..., 3): L* 0–100, a* and b* roughly ±128."""
-    device = rgb.device
-    t = (_LINEAR.to(device)[rgb.long()] @ _RGB_TO_XYZ.T.to(device)) / _WHITE.to(device)
+    linear, to_xyz, white, _, _ = _tables(rgb.device)
+    t = (linear[rgb.long()] @ to_xyz) / white
     f = torch.where(t > _DELTA**3, t.clamp(min=0) ** (1 / 3), t / (3 * _DELTA**2) + 4 / 29)
     return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], dim=-1)
 
@@ -56,12 +64,11 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     The nearest 8-bit code is found by comparing linear values with the codes' midpoints, which
     equals encoding and rounding, without a power function per pixel.
     """
-    device = lab.device
+    _, _, white, to_rgb, edges = _tables(lab.device)
     fy = (lab[..., 0] + 16) / 116
     f = torch.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], dim=-1)
     t = torch.where(f > _DELTA, f**3, 3 * _DELTA**2 * (f - 4 / 29))
-    linear = (t * _WHITE.to(device)) @ _XYZ_TO_RGB.T.to(device)
-    return torch.searchsorted(_LINEAR_EDGES.to(device), linear.contiguous()).to(torch.uint8)
+    return torch.searchsorted(edges, ((t * white) @ to_rgb).contiguous()).to(torch.uint8)
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:

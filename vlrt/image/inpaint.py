@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from vlrt.frames import picture_tensor
 from vlrt.image.masks import blur_mask, composite, crop_region
 from vlrt.image.resize import CROP_AND_RESIZE, RESIZE_AND_FILL, resize_plane
 
@@ -67,8 +68,8 @@ class InpaintPlan:
             patch = resize_plane(Image.fromarray(result.cpu().numpy()), x1 - x0, y1 - y0, CROP_AND_RESIZE)
             placed = self.init.copy()
             placed[y0:y1, x0:x1] = np.asarray(patch)
-            result = torch.from_numpy(placed).to(device)
-        return composite(result, torch.from_numpy(self.init).to(device), torch.from_numpy(self.overlay).to(device))
+            result = picture_tensor(placed, device)
+        return composite(result, picture_tensor(self.init, device), picture_tensor(self.overlay, device))
 
 
 def plan_inpaint(init: np.ndarray, edit_mask: np.ndarray, options: InpaintOptions, latent_scale: int) -> InpaintPlan:

@@ -31,7 +31,7 @@ from vlrt.errors import VlrtError
 from vlrt.executor.control import control_inputs
 from vlrt.executor.executor import Executor
 from vlrt.executor.jobs import Img2ImgJob
-from vlrt.frames import Frame
+from vlrt.frames import Frame, picture_tensor
 from vlrt.image import blend
 from vlrt.image.inpaint import InpaintOptions, InpaintPlan, plan_inpaint
 from vlrt.image.masks import composite
@@ -122,7 +122,7 @@ class LoopPass(Stage):
             if mask is not None:
                 init = composite(init, frame.image, mask)  # the temporal blend acts inside the mask only
                 plan = plan_inpaint(init.cpu().numpy(), mask.cpu().numpy(), self.inpaint, self.model.vae_scale_factor)
-                init = torch.from_numpy(plan.sd_image).to(frame.image.device)
+                init = picture_tensor(plan.sd_image, frame.image.device)
             jobs = self._jobs(init, params, plan, frame.meta.get("control", ()))
         for job in jobs:
             self.executor.submit(job)
