@@ -57,6 +57,21 @@ def write_frames(folder: Path, frames: list[np.ndarray], pattern: str = "{:04d}.
     return folder
 
 
+def shot_frames(kind: int, count: int, size: tuple[int, int] = (64, 48)) -> list[np.ndarray]:
+    """`count` frames of one generated shot: a hue of its own and a slowly moving shape."""
+    w, h = size
+    frames = []
+    hues = [(200, 40, 30), (10, 20, 110), (150, 255, 150), (255, 220, 0)]
+    for i in range(count):
+        picture = np.zeros((h, w, 3), np.uint8)
+        picture[:] = hues[kind]
+        picture[(kind % 2) :: 2 + kind, :] //= 2  # a texture of its own
+        x = (2 * i) % (w - 10)
+        picture[h // 3 : h // 3 + 10, x : x + 10] = 255 - np.array(hues[kind], np.uint8)
+        frames.append(picture)
+    return frames
+
+
 def read_frames(folder: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))]
 

@@ -20,12 +20,13 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from conftest import read_frames
+from conftest import read_frames, shot_frames, write_frames
 from PIL import Image
 
 from vlrt.cli import main
@@ -305,3 +306,18 @@ def test_an_error_in_one_segment_stops_the_render_in_one_line_and_leaves_no_vide
     assert len(err) == 1 and err[0].startswith("vlrt: error: segment 3 (frames 20-29): ") and "denoising" in err[0]
     assert not out.exists()
     assert "complete = false" in (tmp_path / "out.mp4.settings.toml").read_text()
+
+
+def test_segments_put_a_border_on_a_scene_cut_and_give_the_frames_of_one_render(ray_cluster, tmp_path, monkeypatch):
+    """Shots of 21 and 9 frames: the planned border at 20 moves onto the cut at 21, where neither
+    segment needs a halo (nothing crosses a cut); the frames are those of one render all the same."""
+    source = write_frames(tmp_path / "in", shot_frames(0, 21, SIZE) + shot_frames(1, 9, SIZE))
+    with one_thread():
+        assert main(["render", str(source), "-o", f"{tmp_path / 'one'}/", *RENDER, "--quiet"]) == 0
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["render", str(source), "-o", f"{tmp_path / 'out'}/", *RENDER, "--segments", "3", "--ray", ray_cluster]) == 0
+    assert_same_frames(read_frames(tmp_path / "out"), read_frames(tmp_path / "one"))
+    assert "1 scene cut(s): 21" in terminal.text
+    assert "3 segments of 9–11 frames with halos of 9 frames: 60% more frames" in terminal.text  # 9 + 9 + 0 halo frames
+    assert tomllib.loads((tmp_path / "out" / "settings.toml").read_text())["vlrt"]["scene_cuts"] == [21]

@@ -112,3 +112,29 @@ def test_loopback_equals_plain_reference(demo_model, clip_folder, tmp_path):
     # Batching really happened: fewer UNet calls than UNet rows evaluated one by one.
     rows = 6 * params["loop_n"] * params["batch"] * 2 * int(params["steps"] * params["strength"])
     assert result.engine_calls["unet"] < rows / 4
+
+
+def test_floor_rounding_truncates_the_decoded_image_as_the_webui_does(demo_model, clip_folder, tmp_path):
+    """The WebUI turns the decoded image into 8 bits with `astype(uint8)` (truncation), diffusers rounds:
+    with blend_rounding = floor a single pass (α 1) is diffusers' float picture truncated."""
+    steps, strength, cfg, seed = 4, 0.6, 6.5, 99
+    frames = {}
+    for rounding in ("round", "floor"):
+        settings = build_settings(overrides=dict(
+            model="demo", backend="torch", loop_n=1, superimpose_alpha=1.0, sampler_name="Euler a", steps=steps,
+            denoising_strength=strength, cfg_scale=cfg, seed=seed, prompt=PROMPT, negative_prompt=NEGATIVE,
+            blend_rounding=rounding,
+        ))
+        render(settings, str(clip_folder), f"{tmp_path / rounding}/", quiet=True, model=demo_model)
+        frames[rounding] = read_frames(tmp_path / rounding)
+    pipe = _pipeline(demo_model.path, "Euler a")
+    first = read_frames(clip_folder)[0]
+    decoded = pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=Image.fromarray(first), strength=strength,
+                   num_inference_steps=steps, guidance_scale=cfg, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    truncated = (decoded * 255).astype(np.uint8)
+    got = frames["floor"][0].astype(int)
+    assert np.abs(got - truncated).max() <= 1 and np.mean(got == truncated) > 0.95
+    # Truncation takes half a level off on average: the two modes must differ by that much.
+    lower = np.mean(frames["round"][0].astype(int) - got)
+    assert 0.3 < lower < 0.7

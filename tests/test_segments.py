@@ -91,3 +91,11 @@ def test_a_damaged_segment_does_not_count_and_other_splits_are_dropped(tmp_path)
     assert segment_parts(out, 5, 10) is None and not segment_folder(out, 5, 10).exists()
     keep_only(out, [(0, 3), (3, 10)])  # resumed with another number of segments
     assert list(parts_folder(out).iterdir()) == []
+
+
+def test_a_border_near_a_cut_moves_onto_it_and_needs_no_halo_there():
+    plan = split(30, 3, 9, cuts=(21,))
+    assert [(s.start, s.stop, s.read_start, s.read_stop) for s in plan] == [(0, 10, 0, 19), (10, 21, 1, 21), (21, 30, 21, 30)]
+    assert halo_overhead(plan) == pytest.approx(18 / 30)
+    far = split(30, 3, 9, cuts=(15,))  # too far from a border to move one; its shot still bounds the reads
+    assert [(s.start, s.stop, s.read_start, s.read_stop) for s in far] == [(0, 10, 0, 15), (10, 20, 1, 29), (20, 30, 15, 30)]

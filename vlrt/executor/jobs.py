@@ -3,7 +3,8 @@
 The job reproduces diffusers' `StableDiffusionImg2ImgPipeline` for one sample: the posterior
 sample and the initial noise come from the sample's own generator (in that order), the
 scheduler starts at `int(steps * strength)` steps from the end, CFG mixes the unconditional and
-conditional predictions, and the decoded image is rounded to 8 bits the same way. What differs is
+conditional predictions, and the decoded image is rounded to 8 bits the same way (or truncated, as
+the WebUI does, under `blend_rounding = floor`, the extension-parity mode). What differs is
 only who runs the networks: the executor batches the rows of many jobs into one engine call.
 
 Everything a job holds lives on the render device: the init image (a uint8 tensor), latents,
@@ -29,6 +30,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from vlrt.executor.control import ControlInput
 from vlrt.executor.noise import generator, variation_noise
+from vlrt.image.blend import ROUND, quantise
 from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
 from vlrt.model.sampler_steps import add_noise, plan
 from vlrt.model.samplers import make_scheduler
@@ -46,10 +48,11 @@ def image_to_tensor(image: torch.Tensor) -> torch.Tensor:
     return image.permute(2, 0, 1).float().div(255.0).mul(2.0).sub(1.0)
 
 
-def tensor_to_image(image: torch.Tensor) -> torch.Tensor:
-    """float (3, H, W) in [-1, 1] to uint8 (H, W, 3), rounded as diffusers' image processor does, on its device."""
+def tensor_to_image(image: torch.Tensor, rounding: str = ROUND) -> torch.Tensor:
+    """float (3, H, W) in [-1, 1] to uint8 (H, W, 3) on its device: rounded as diffusers' image
+    processor does, or with `floor` truncated as the WebUI does (`(255 * x).astype(uint8)`)."""
     x = (image.float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 0)
-    return (x * 255).round().to(torch.uint8)
+    return quantise(x * 255, rounding)
 
 
 class Img2ImgJob:
@@ -73,8 +76,10 @@ class Img2ImgJob:
         latent_mask: np.ndarray | torch.Tensor | None = None,
         fill: str = ORIGINAL,
         control: tuple[ControlInput, ...] = (),
+        rounding: str = ROUND,
     ) -> None:
-        """`control` holds the job's ControlNet units (vlrt.executor.control), in unit order.
+        """`control` holds the job's ControlNet units (vlrt.executor.control), in unit order;
+        `rounding` how the decoded image becomes 8 bits (`tensor_to_image`).
         `latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
         latents start from (see `vlrt.image.inpaint`)."""
@@ -105,6 +110,7 @@ class Img2ImgJob:
         self.edit = None if latent_mask is None else torch.as_tensor(latent_mask).to(self.device)[None, None]
         self.fill = fill
         self.control = control
+        self.rounding = rounding
         self.init_latents: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
         self.index = 0
@@ -188,6 +194,6 @@ class Img2ImgJob:
         return (self.latents[0] / self.scaling_factor) + self.shift_factor
 
     def take_image(self, image: torch.Tensor) -> None:
-        self.result = tensor_to_image(image)
+        self.result = tensor_to_image(image, self.rounding)
         self.latents = None
         self.phase = Phase.DONE

@@ -6,11 +6,17 @@ its own first frame), so nothing of one shot ghosts into the next. Cuts are give
 the first frame of each new shot, or detected as the frames stream by PySceneDetect's content
 detector (HSV change between consecutive frames above `threshold`, shots at least 15 frames long:
 its defaults), fed the frames at render size in order from frame 0.
+
+Since nothing crosses a cut, the frames of one shot depend only on that shot's inputs: a render of
+frames [start, stop) reads from the later of `start - reach` and its shot's first frame, and stops
+reading at the next cut (`span_reads`), which is what lets segment borders on cuts drop their halo.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from collections.abc import Sequence
 
 from vlrt.errors import VlrtError
 
@@ -36,11 +42,26 @@ def parse_cut_list(spec: str) -> tuple[int, ...] | None:
     return tuple(cuts)
 
 
-class ShotTracker:
-    """Frame by frame, in order from frame 0: the first frame of the shot each frame belongs to."""
+def shot_start(cuts: Sequence[int], index: int) -> int:
+    """The first frame of the shot that frame `index` belongs to."""
+    return max((c for c in cuts if c <= index), default=0)
 
-    def __init__(self, spec: str, threshold: float, fps: float) -> None:
-        given = parse_cut_list(spec)
+
+def span_reads(start: int, stop: int, reach: int, cuts: Sequence[int], total: int | None = None) -> tuple[int, int]:
+    """The input frames [read_start, read_stop) that output frames [start, stop) depend on, when an
+    output frame depends on the inputs within `reach` of it in its own shot."""
+    read_start = max(0, start - reach, shot_start(cuts, start))
+    read_stop = min([stop + reach, *(c for c in cuts if c >= stop), *([total] if total is not None else [])])
+    return read_start, read_stop
+
+
+class ShotTracker:
+    """Frame by frame, in order from frame 0: the first frame of the shot each frame belongs to.
+
+    `known` cuts (found earlier, e.g. by the scan before a segmented render) replace detection."""
+
+    def __init__(self, spec: str, threshold: float, fps: float, known: Sequence[int] | None = None) -> None:
+        given = parse_cut_list(spec) if known is None else tuple(known)
         self.cuts: list[int] = list(given or ())
         self._detector = None
         self._fps = float(fps or 24)
@@ -64,4 +85,4 @@ class ShotTracker:
             found = self._detector.process_frame(FrameTimecode(index, fps=self._fps), np.ascontiguousarray(image[..., ::-1]))
             self.cuts.extend(c.frame_num for c in found if c.frame_num not in self.cuts and c.frame_num > 0)
             self._seen = index
-        return max((c for c in self.cuts if c <= index), default=0)
+        return shot_start(self.cuts, index)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from itertools import chain, takewhile
@@ -29,7 +29,7 @@ from vlrt.executor.executor import Executor
 from vlrt.frames import Frame
 from vlrt.image.color import FIRST
 from vlrt.image.resize import resize_frame
-from vlrt.image.scene_cuts import parse_cut_list
+from vlrt.image.scene_cuts import parse_cut_list, shot_start, span_reads
 from vlrt.io.sinks import Sink, open_sink
 from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.model.controlnet import ControlNet, load_controlnets, residual_shapes
@@ -454,29 +454,37 @@ def render_span(
     on_frame: Callable[[int, Frame], None],
     every_pass: bool = False,
     engine_log: Callable[[str], None] | None = None,
+    cuts: Sequence[int] | None = None,
 ) -> dict[str, int]:
     """Render only output frames [start, stop), reading just the inputs they depend on.
 
     `on_frame(pass_number, frame)` receives the finished frames (pass_number = loop_n), and with
     `every_pass` each loop pass's frames too (1 … loop_n). `engine_log` hears of engines being
-    built (none when `prepare_render` ran first). Returns the engine call counts."""
+    built (none when `prepare_render` ran first). `cuts` are the scene cuts when known (a segmented
+    render scans for them first); with `scene_cuts = auto` and none given, the input is read from
+    its start so that detection sees what a whole render sees. Returns the engine call counts."""
     settings = concrete_seeds(settings)
     resolver = ParamResolver(settings, settings.seed, settings.subseed)
     progress = Progress(None, settings.loop_n, quiet=True)
     device = pick_device(settings.device)
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     reach = pipeline_reach(settings)
-    first = max(0, start - reach)
-    with _open_source(settings, input_spec, None, start=first) as source:
-        settings, prepare = _settle(settings, source.info, model, resolver, engine_log or progress.log)
+    known = parse_cut_list(settings.scene_cuts) if cuts is None else tuple(cuts)
+    if known is None:
+        read_from, first, read_stop = 0, max(0, start - reach), stop + reach
+    else:
+        first, read_stop = span_reads(start, stop, reach, known)
+        read_from = first
+    with _open_source(settings, input_spec, None, start=read_from) as source:
+        settings, prepare = _settle(settings, source.info, model, resolver, engine_log or progress.log, known)
         executor = _executor(
             settings, model, denoiser, device, engine_log or progress.log, load_controlnets(settings.controlnet, model)
         )
         stages, pass_ends = _render_stages(settings, model, resolver, executor, first)
         taps = {stage: _Collect(i + 1, on_frame) for i, stage in enumerate(pass_ends[:-1])} if every_pass else {}
-        frames = takewhile(lambda f: f.index < stop + reach, iter(source))
-        if first > 0 and settings.color_correction == FIRST:  # the source starts at `first`; 'first' colours need its shot's first frame
-            shot = max((c for c in parse_cut_list(settings.scene_cuts) or () if c <= first), default=0)
+        frames = takewhile(lambda f: f.index < read_stop, iter(source))
+        if read_from > 0 and settings.color_correction == FIRST:  # 'first' colours need the shot's first frame
+            shot = shot_start(known or (), first)
             if shot < first:
                 frames = chain([_frame_at(settings, input_spec, shot)], frames)
         frames = prepare.frames(frames, first)
@@ -498,6 +506,7 @@ class PreparedRender:
     loras: list[dict]  # the LoRA files fused into the model (path, scale, sha256), for the settings file
     times: list[Fraction] | None  # each frame's time in seconds at a variable rate, else None
     controlnets: list[dict]  # each unit's ControlNet (model, sha256), for the settings file
+    cuts: tuple[int, ...]  # the scene cuts (given, or detected by a scan of the whole input)
 
 
 def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
@@ -508,17 +517,24 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     denoiser = _denoiser_with_notes(settings, model, log)
     with _open_source(settings, input_spec, None, exact_count=True) as source:
         info = source.info
-        settings, _ = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed), log)
+        settings, prepare = _settle(settings, info, model, ParamResolver(settings, settings.seed, settings.subseed), log)
+    cuts = parse_cut_list(settings.scene_cuts)
+    if cuts is None:
+        log("vlrt: scene_cuts auto: scanning the input for cuts")
+        with _open_source(settings, input_spec, None) as source:
+            cuts = tuple(prepare.scan(iter(source)))
+        log(f"vlrt: {len(cuts)} scene cut(s){': ' + ', '.join(map(str, cuts)) if cuts else ''}")
     controlnets = load_controlnets(settings.controlnet, model)
     _engines(settings, model, denoiser, pick_device(settings.device), log, controlnets)
     return PreparedRender(
         settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
-        frame_times_for(settings, info), controlnet_records(controlnets),
+        frame_times_for(settings, info), controlnet_records(controlnets), cuts,
     )
 
 
 def _settle(
-    settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver, log: Callable[[str], None]
+    settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver, log: Callable[[str], None],
+    cuts: Sequence[int] | None = None,
 ) -> tuple[Settings, Preparer]:
     """The render size made concrete (and checked against memory), the schedules tried at the first
     frame and the prepare step built, so that a bad size, schedule, mask or reference folder fails
@@ -533,7 +549,7 @@ def _settle(
     )
     settings = replace(settings, width=width, height=height)
     resolver.check_all_first()
-    return settings, Preparer(settings, info, width, height, model.device)
+    return settings, Preparer(settings, info, width, height, model.device, cuts)
 
 
 def _frame_at(settings: Settings, input_spec: str, index: int) -> Frame:

@@ -20,7 +20,7 @@ made and the maps are cropped.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -45,7 +45,11 @@ from vlrt.settings.prompt_files import read_prompt_file
 class Preparer:
     """Prepares the frames of one input for one render at width×height."""
 
-    def __init__(self, settings: Settings, info: SourceInfo, width: int, height: int, device: torch.device) -> None:
+    def __init__(
+        self, settings: Settings, info: SourceInfo, width: int, height: int, device: torch.device,
+        cuts: Sequence[int] | None = None,
+    ) -> None:
+        """`cuts`: the scene cuts when already known (else `settings.scene_cuts` says: a list, or detect)."""
         self.settings, self.width, self.height, self.device = settings, width, height, device
         self.masks = None
         if settings.use_mask:
@@ -66,7 +70,13 @@ class Preparer:
             )
         self.control = ControlImages(settings, exact_count, width, height) if settings.controlnet else None
         self.first_anchor: ColorAnchor | None = None
-        self.shots = ShotTracker(settings.scene_cuts, settings.scene_cut_threshold, float(info.fps or 24))
+        self.shots = ShotTracker(settings.scene_cuts, settings.scene_cut_threshold, float(info.fps or 24), cuts)
+
+    def scan(self, frames: Iterator[Frame]) -> list[int]:
+        """The scene cuts of these frames (from frame 0), found without preparing them."""
+        for frame in frames:
+            self.shots.shot_of(frame.index, self._resized(frame).image)
+        return list(self.shots.cuts)
 
     def frames(self, frames: Iterator[Frame], first: int = 0) -> Iterator[Frame]:
         """The prepared frames from index `first` on. Frames before are still seen: a shot's first frame

@@ -113,6 +113,16 @@ def saved_settings(output: str) -> tuple[Settings, bool] | None:
     return build_settings(load_config(path)), bool(data.get("vlrt", {}).get("complete", False))
 
 
+def recorded_cuts(output: str) -> tuple[int, ...]:
+    """The scene cuts a render of `output` recorded in its settings file (none when there is no file)."""
+    path = settings_path(output)
+    if path is None or not path.is_file():
+        return ()
+    import tomllib
+
+    return tuple(tomllib.loads(path.read_text(encoding="utf-8")).get("vlrt", {}).get("scene_cuts", ()))
+
+
 def check_same_loras(output: str, loras: list[dict[str, Any]]) -> None:
     """--resume: the LoRA files must be the very files the interrupted render used (same contents)."""
     _check_same_files(output, "lora", loras, "LoRA files")

@@ -104,17 +104,19 @@ def render_segments(
             check_same_loras(output_spec, prepared.loras)
             check_same_controlnets(output_spec, prepared.controlnets)
         reach = pipeline_reach(settings)
-        plan = split(prepared.frames, segments, reach)
+        plan = split(prepared.frames, segments, reach, prepared.cuts)
         _describe(plan, segments, reach, progress)
         keep_only(Path(output_spec), [(s.start, s.stop) for s in plan] if resume else [])
-        write_settings(settings, input_spec, output_spec, None, prepared.loras, controlnets=prepared.controlnets)
+        write_settings(settings, input_spec, output_spec, None, prepared.loras, controlnets=prepared.controlnets,
+                       cuts=list(prepared.cuts))
         todo = [s for s in plan if not _finished(output_spec, s)] if resume else plan
         if resume:
             progress.log(f"vlrt: resuming: {len(plan) - len(todo)} of {len(plan)} segments are finished")
-        calls = _run(ray, options, settings, input_spec, output_spec, prepared.fps, todo, progress)
+        calls = _run(ray, options, settings, input_spec, output_spec, prepared.fps, todo, progress, prepared.cuts)
     if not is_folder_output(output_spec):
         join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio, prepared.times)
-    write_settings(settings, input_spec, output_spec, prepared.frames, prepared.loras, controlnets=prepared.controlnets)
+    write_settings(settings, input_spec, output_spec, prepared.frames, prepared.loras, controlnets=prepared.controlnets,
+                   cuts=list(prepared.cuts))
     seconds = time.perf_counter() - started
     progress.log(f"vlrt: wrote {prepared.frames} frames to {output_spec} in {seconds:.1f} s ({len(plan)} segments)")
     return RenderResult(prepared.frames, output_spec, settings, calls, seconds)
@@ -229,13 +231,13 @@ def _all_parts(output: Path, plan: list[Segment]) -> list[Part]:
 
 def _run(
     ray: Any, options: dict, settings: Settings, input_spec: str, output_spec: str, fps: Fraction,
-    todo: list[Segment], progress: Progress,
+    todo: list[Segment], progress: Progress, cuts: tuple[int, ...],
 ) -> dict[str, int]:
     """Render the segments in `todo` as Ray tasks, showing their progress; the engine calls they made."""
     counter = ray.remote(num_cpus=0)(FrameCounter).remote()
     task = ray.remote(_render_segment).options(**options)
     hook = os.environ.get(TEST_KILL_ENV)
-    pending = {task.remote(settings, input_spec, output_spec, s, fps, counter, hook): s for s in todo}
+    pending = {task.remote(settings, input_spec, output_spec, s, fps, counter, hook, cuts): s for s in todo}
     progress.set_total(sum(s.frames for s in todo))
     calls: dict[str, int] = {}
     finished: dict[int, int] = {}
@@ -292,7 +294,7 @@ def _prepare(settings: Settings, input_spec: str) -> tuple[PreparedRender, list[
 
 def _render_segment(
     settings: Settings, input_spec: str, output_spec: str, segment: Segment, fps: Fraction, counter: Any,
-    kill_hook: str | None,
+    kill_hook: str | None, cuts: tuple[int, ...],
 ) -> SegmentResult:
     """One segment's task: render its frames into the output; a video file's share is sealed when whole."""
     model = open_model(settings, pick_device(settings.device))
@@ -314,7 +316,7 @@ def _render_segment(
     try:
         with one_thread():
             calls = render_span(settings, input_spec, segment.start, segment.stop, model=model, on_frame=on_frame,
-                                engine_log=messages.append)
+                                engine_log=messages.append, cuts=cuts)
         if written != segment.frames:
             raise VlrtError(
                 f"frames {segment.start}-{segment.stop - 1} of {input_spec} gave {written} frames, not {segment.frames} "

@@ -7,12 +7,16 @@ FastDVDNet's 2 when it is on, times the number of passes), so a segment reads an
 halo is cut by the video's ends the edge rules apply exactly as in a whole render; elsewhere the
 frames of the halo come out approximate (the stages treat their first frame as the video's start),
 and they are exactly the ones dropped. Every random draw depends only on (seed, frame, pass, sample),
-so the kept frames are those of a single render.
+so the kept frames are those of a single render. Scene cuts end a segment's reads: its frames
+depend on their own shot only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from vlrt.image.scene_cuts import span_reads
 
 
 @dataclass(frozen=True)
@@ -35,15 +39,23 @@ class Segment:
         return self.read_stop - self.read_start - self.frames
 
 
-def split(total: int, count: int, reach: int) -> list[Segment]:
+def split(total: int, count: int, reach: int, cuts: Sequence[int] = ()) -> list[Segment]:
     """`total` frames in `count` contiguous segments whose lengths differ by at most one, each with
-    `reach` frames of halo on both sides; never more segments than frames."""
+    `reach` frames of halo on both sides; never more segments than frames.
+
+    A border with a scene cut within a quarter of a segment's length moves onto the nearest such
+    cut: nothing crosses a cut, so neither segment needs a halo there (`span_reads`)."""
     if total < 1 or count < 1 or reach < 0:
         raise ValueError(f"cannot split {total} frames into {count} segments with reach {reach}")
     count = min(count, total)
     bounds = [k * total // count for k in range(count + 1)]
+    near = total // count // 4
+    for k in range(1, count):
+        close = [c for c in cuts if abs(c - bounds[k]) <= near and bounds[k - 1] < c < bounds[k + 1]]
+        if close:
+            bounds[k] = min(close, key=lambda c: (abs(c - bounds[k]), c))
     return [
-        Segment(k, start, stop, max(0, start - reach), min(total, stop + reach))
+        Segment(k, start, stop, *span_reads(start, stop, reach, cuts, total))
         for k, (start, stop) in enumerate(zip(bounds, bounds[1:]))
     ]
 

@@ -117,8 +117,8 @@ class Settings:
         choices=BLEND_ROUNDINGS,
     )
     scene_cuts: str = _f(
-        "none", "'auto' detects scene cuts (PySceneDetect's content detector), or the first frame of each new shot "
-        "('12,240,1031'); 'none' blends across cuts as the extension does",
+        "auto", "'auto' detects scene cuts (PySceneDetect's content detector), or the first frame of each new shot "
+        "('12,240,1031'); nothing crosses a cut; 'none' blends across cuts as the extension does",
     )
     scene_cut_threshold: float = _f(27.0, "content change that makes a cut with scene_cuts auto (PySceneDetect's default)")
     deinterlace: str = _f(

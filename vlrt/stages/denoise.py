@@ -6,6 +6,8 @@ the network runs on the executor's engines, and the synthetic noise is a pure fu
 run's seed, the loop pass and the frame, so the result is deterministic and resumable. The
 alpha channel passes through untouched, and a frame with an edit mask (`Frame.meta["mask"]`)
 changes inside it only, unless `whole_frame` asks for the extension's whole-frame behaviour.
+A scene cut (`Frame.meta["shot"]`) is an end of the video: the window is mirrored at the shot's
+edges, by closing the denoiser at the cut and starting a fresh one for the next shot.
 """
 
 from __future__ import annotations
@@ -59,11 +61,17 @@ class Denoise(Stage):
         self.originals: deque[Frame] = deque()
         self.ready: deque[torch.Tensor] = deque()
         self.max_batch = max_batch
-        self.denoiser = StreamingDenoiser(
-            lambda frames, noise_map: executor.run(FASTDVDNET_BLOCK1, frames=frames, noise_map=noise_map)["frame"],
-            lambda frames, noise_map: executor.run(FASTDVDNET_BLOCK2, frames=frames, noise_map=noise_map)["frame"],
+        self.executor = executor
+        self.shot: int | None = None
+        self.denoiser = self._fresh_denoiser()
+
+    def _fresh_denoiser(self) -> StreamingDenoiser:
+        run = self.executor.run
+        return StreamingDenoiser(
+            lambda frames, noise_map: run(FASTDVDNET_BLOCK1, frames=frames, noise_map=noise_map)["frame"],
+            lambda frames, noise_map: run(FASTDVDNET_BLOCK2, frames=frames, noise_map=noise_map)["frame"],
             self.sigma,
-            max_batch,
+            self.max_batch,
         )
 
     @property
@@ -72,6 +80,11 @@ class Denoise(Stage):
         return 2 * self.max_batch + 6
 
     def _accept(self, frame: Frame) -> None:
+        shot = frame.meta.get("shot")
+        if shot != self.shot and self.shot is not None:  # a cut: the last shot's frames end there
+            self.ready.extend(self.denoiser.close())
+            self.denoiser = self._fresh_denoiser()
+        self.shot = shot
         x = frame.image.permute(2, 0, 1).float() / 255.0
         if self.noise_seed_of is not None:
             seed, loop_index = self.noise_seed_of

@@ -168,6 +168,7 @@ class LoopPass(Stage):
                 latent_mask=None if plan is None else plan.latent_mask,
                 fill=self.inpaint.inpainting_fill,
                 control=control,
+                rounding=self.rounding,
             )
             for seed, subseed in params.sample_seeds()
         ]

@@ -6,6 +6,9 @@ rendered from is given, its own change is measured the same way and subtracted f
 frame: what is left, the "excess flicker", is what the render added. Frames are streamed,
 so memory holds two frames of each clip and one number per frame, whatever the length.
 
+At a scene cut the frame changes by design: the cuts (those the render recorded in its settings
+file, or given) are marked on the plot and their changes left out of the summary figures.
+
 Plot and JSON files for a folder of frames go beside the folder (`out.flicker.png` for
 `out/`), never inside it: a PNG inside would be read back as one more frame.
 """
@@ -28,7 +31,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from vlrt.errors import VlrtError
+from vlrt.image.scene_cuts import parse_cut_list
 from vlrt.io.sources import open_source
+from vlrt.render.run_state import recorded_cuts
 
 PLOT_SUFFIX = ".flicker.png"
 JSON_SUFFIX = ".flicker.json"
@@ -44,6 +49,7 @@ class Report:
     height: int
     flicker: tuple[float, ...]
     input_change: tuple[float, ...] | None = None
+    cuts: tuple[int, ...] = ()  # first frames of new shots: their change from the frame before is not flicker
 
     @property
     def frame_count(self) -> int:
@@ -57,11 +63,14 @@ class Report:
         return tuple(out - src for out, src in zip(self.flicker, self.input_change))
 
     def summary(self) -> dict[str, float | int | None]:
-        """Frame count, and mean and 95th percentile of each per-frame series (None without an input)."""
-        numbers: dict[str, float | int | None] = {"frame_count": self.frame_count}
+        """Frame count, and mean and 95th percentile of each per-frame series (None without an input),
+        the changes into a cut's first frame left out."""
+        numbers: dict[str, float | int | None] = {"frame_count": self.frame_count, "cuts": len(self.cuts)}
+        kept = [i for i in range(len(self.flicker)) if i + 1 not in self.cuts] or list(range(len(self.flicker)))
         for name, values in (("flicker", self.flicker), ("input_change", self.input_change), ("excess", self.excess)):
-            numbers[f"mean_{name}"] = None if values is None else round(float(np.mean(values)), 4)
-            numbers[f"p95_{name}"] = None if values is None else round(float(np.percentile(values, 95)), 4)
+            chosen = None if values is None else [values[i] for i in kept]
+            numbers[f"mean_{name}"] = None if chosen is None else round(float(np.mean(chosen)), 4)
+            numbers[f"p95_{name}"] = None if chosen is None else round(float(np.percentile(chosen, 95)), 4)
         return numbers
 
     def to_dict(self) -> dict:
@@ -73,6 +82,7 @@ class Report:
             "width": self.width,
             "height": self.height,
             "summary": self.summary(),
+            "cuts": list(self.cuts),
             "per_frame": {
                 "frame": list(range(1, self.frame_count)),
                 **{name: None if v is None else [round(x, 4) for x in v] for name, v in series.items()},
@@ -105,8 +115,10 @@ def flicker_report(
     extract_nth_frame: int = 1,
     max_frames: int | None = None,
     show_progress: bool = False,
+    cuts: tuple[int, ...] = (),
 ) -> Report:
-    """Measure `video` frame to frame, and `against` (its input) too when given.
+    """Measure `video` frame to frame, and `against` (its input) too when given; `cuts` are the
+    first frames of new shots (marked, and left out of the summary).
 
     `extract_nth_frame` and `max_frames` say how the render read `against`, so its frames line
     up with the video's. Input frames of another size are resized (stretched) to the video's,
@@ -158,7 +170,8 @@ def flicker_report(
                 raise _length_mismatch(video, count, against, count + extra)
     if count < 2:
         raise VlrtError(f"'{video}' has only one frame: flicker is the change between frames, so it needs two or more")
-    return Report(video, against, width, height, tuple(flicker), tuple(input_change) if src is not None else None)
+    inside = tuple(c for c in cuts if 0 < c < count)
+    return Report(video, against, width, height, tuple(flicker), tuple(input_change) if src is not None else None, inside)
 
 
 def _label(spec: str) -> str:
@@ -178,6 +191,8 @@ def format_summary(report: Report) -> str:
     for label, key, note in rows:
         lines.append(f"  {label:<15} mean {numbers[f'mean_{key}']:7.3f}   p95 {numbers[f'p95_{key}']:7.3f}{note}")
     lines.append("  (mean absolute change between consecutive frames, 0-255 scale)")
+    if report.cuts:
+        lines.append(f"  scene cuts at frames {', '.join(map(str, report.cuts))}: their changes are left out")
     return "\n".join(lines)
 
 
@@ -201,6 +216,7 @@ def write_json(report: Report, path: Path) -> None:
 PLOT_SIZE = (960, 400)
 MARGIN = (72, 56, 24, 52)  # left, top, right, bottom
 BACKGROUND, INK, GRID = (255, 255, 255), (30, 30, 30), (225, 225, 225)
+CUT_COLOUR = (120, 120, 120)
 OUTPUT_COLOUR, INPUT_COLOUR = (215, 50, 40), (40, 100, 210)
 
 
@@ -257,6 +273,11 @@ def write_plot(report: Report, path: Path) -> None:
         w, _ = _text_size(draw, str(tick), small)
         draw.text((x - w / 2, bottom + 7), str(tick), fill=INK, font=small)
     draw.rectangle([left, top, right, bottom], outline=INK)
+    for cut in report.cuts:  # a dashed vertical line where each new shot starts
+        x, _ = to_xy(cut, 0)
+        for y in range(top + 2, bottom, 8):
+            draw.line([(x, y), (x, min(y + 4, bottom))], fill=CUT_COLOUR, width=1)
+        draw.text((x + 3, top + 3), "cut", fill=CUT_COLOUR, font=small)
 
     for _, values, colour in series:
         points = [to_xy(i + 1, v) for i, v in enumerate(values)]
@@ -324,7 +345,9 @@ def report_beside_output(
         raise VlrtError("--report needs an OUTPUT it can read back (a file or a folder), not '-': "
                         "save the output and run 'vlrt report' on it")
     against = None if input == "-" else input
-    report = flicker_report(output, against, extract_nth_frame=extract_nth_frame, max_frames=max_frames)
+    report = flicker_report(
+        output, against, extract_nth_frame=extract_nth_frame, max_frames=max_frames, cuts=recorded_cuts(output)
+    )
     write_plot(report, beside(output, PLOT_SUFFIX))
     write_json(report, beside(output, JSON_SUFFIX))
     return report
@@ -334,7 +357,7 @@ def run_report(args: argparse.Namespace) -> int:
     """`vlrt report`: summary on standard output, plot (and JSON) written beside the video."""
     report = flicker_report(
         args.video, args.against, extract_nth_frame=args.extract_nth_frame, max_frames=args.max_frames,
-        show_progress=not args.quiet,
+        show_progress=not args.quiet, cuts=_cuts_for(args),
     )
     print(format_summary(report))
     plot = Path(args.plot) if args.plot else (None if args.video == "-" else beside(args.video, PLOT_SUFFIX))
@@ -345,6 +368,17 @@ def run_report(args: argparse.Namespace) -> int:
         write_json(report, Path(args.json))
         print(f"json: {args.json}")
     return 0
+
+
+def _cuts_for(args: argparse.Namespace) -> tuple[int, ...]:
+    """`--scene-cuts` as given, else the cuts VIDEO's render recorded."""
+    if args.scene_cuts is None:
+        return () if args.video == "-" else recorded_cuts(args.video)
+    given = parse_cut_list(args.scene_cuts)
+    if given is None:
+        raise VlrtError("vlrt report --scene-cuts takes a list of frames or 'none' (it does not detect cuts): "
+                        "leave it out to use the cuts the render recorded")
+    return given
 
 
 def add_report_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -366,6 +400,9 @@ def add_report_parser(commands: argparse._SubParsersAction) -> argparse.Argument
     parser.add_argument("--plot", metavar="PATH",
                         help=f"PNG plot (default: VIDEO{PLOT_SUFFIX} beside the video or folder; none for '-')")
     parser.add_argument("--json", metavar="PATH", help="also write the summary and per-frame numbers as JSON")
+    parser.add_argument("--scene-cuts", metavar="LIST",
+                        help="first frames of new shots, marked and left out of the figures, or 'none' "
+                             "(default: the cuts recorded in VIDEO's settings file)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar on standard error")
     parser.set_defaults(run=run_report)
     return parser
