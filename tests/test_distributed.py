@@ -20,12 +20,12 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+import tomllib
 from conftest import read_frames, shot_frames, write_frames
 from PIL import Image
 

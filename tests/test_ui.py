@@ -130,3 +130,21 @@ def test_listening_beyond_loopback_warns(tmp_path: Path) -> None:
         server.terminate()
         server.wait(30)
     assert line.startswith("vlrt: warning: listening on 0.0.0.0: anyone who can reach this address can render and read")
+
+
+def test_an_ended_child_is_reaped_and_seen_ended_without_anyone_asking() -> None:
+    """The page once stopped polling a render child and it sat a zombie that `Popen.poll` reported as
+    running: the child's own waiter must reap it the moment it exits."""
+    import os
+    import time
+
+    from vlrt.ui.runner import Child
+
+    child = Child(["render", "no-such-input.mp4", "-o", "out.mp4", "--model", "demo"])
+    pid = child.process.pid
+    deadline = time.monotonic() + 60
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # a zombie keeps its /proc entry
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}")
+    assert child.wait(5) == 2 and not child.running
+    assert child.error() is not None and "no-such-input.mp4" in child.error()

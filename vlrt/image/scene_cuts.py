@@ -14,9 +14,9 @@ reading at the next cut (`span_reads`), which is what lets segment borders on cu
 
 from __future__ import annotations
 
-import numpy as np
-
 from collections.abc import Sequence
+
+import numpy as np
 
 from vlrt.errors import VlrtError
 

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +49,7 @@ from vlrt.ui.runner import Child
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 OPEN_GROUPS = GROUPS[:3]  # the extension's panel and its advanced accordion are open, as in the WebUI
 VIDEO_SUFFIXES = (".mp4", ".mkv", ".mov", ".webm")
+TICK_S = 0.5  # how often the page asks how a render is going
 
 
 def _error(exc: VlrtError) -> str:
@@ -76,6 +76,7 @@ class Session:
     def __init__(self) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="vlrt-ui-"))
         self.job: Child | None = None
+        self.watch: RenderWatch | None = None
         self.sweeps: list[tuple[str, list[object]]] = []
         self._starting = threading.Lock()
 
@@ -92,6 +93,51 @@ class Session:
         target = self.scratch / f"{time.monotonic_ns()}-{path.name}"
         shutil.copyfile(path, target)
         return str(target)
+
+
+class RenderWatch:
+    """What the page shows of the render it started. A timer asks for it every `TICK_S` (no request
+    stays open for the whole render: a dropped update is made good by the next), and it reports the
+    end exactly once."""
+
+    def __init__(self, job: Child, input_spec: str, output: str, subsampling: dict[str, Any]) -> None:
+        self.job, self.input_spec, self.output, self.subsampling = job, input_spec, output, subsampling
+        self.seen_done: int | None = None
+        self.seen_index: int | None = None
+        self.reported = False
+
+    def update(self, session: Session) -> list[Any]:
+        """The render outputs' new values (message, progress, input and output frame, video, plot, log)."""
+        job = self.job
+        if self.reported:
+            return [gr.update()] * 7
+        if job.running:
+            progress = job.progress.describe() if job.progress else "starting"
+            return [gr.update(), progress, *self._pictures(False), gr.update(), gr.update(), "\n".join(job.messages)]
+        self.reported = True
+        done = job.wait() == 0
+        plot_path = beside(self.output, PLOT_SUFFIX)
+        finished = done and Path(self.output).is_file() and self.output.lower().endswith(VIDEO_SUFFIXES)
+        return [
+            job.error() or ("finished" if done else "stopped: finished frames are kept; Resume continues"),
+            (job.progress.describe() if job.progress else "") + (" · done" if done else ""),
+            *self._pictures(True),
+            session.served(Path(self.output)) if finished else gr.update(),
+            np.asarray(Image.open(plot_path).convert("RGB")) if done and plot_path.is_file() else gr.update(),
+            "\n".join(job.messages),
+        ]
+
+    def _pictures(self, final: bool) -> list[Any]:
+        """The latest finished frame beside its input, read only when the count moved."""
+        done = self.job.progress.done if self.job.progress else None
+        if not final and done == self.seen_done:
+            return [gr.update(), gr.update()]
+        self.seen_done = done
+        latest = _latest_output(self.output)
+        if latest is None or latest[0] == self.seen_index:
+            return [gr.update(), gr.update()]
+        self.seen_index = latest[0]
+        return [_frame(self.input_spec, latest[0], **self.subsampling), latest[1]]
 
 
 def _values(names: list[str], raw: tuple) -> dict[str, Any]:
@@ -207,7 +253,7 @@ def build(session: Session | None = None) -> gr.Blocks:
                 return _error(exc)
             return f"saved {path}"
 
-        def render(input_spec: str, output: str, resume: bool, raw: tuple) -> Iterator[list[Any]]:
+        def render(input_spec: str, output: str, resume: bool, raw: tuple) -> list[Any]:
             try:
                 settings = check(_values(names, raw))
                 if not input_spec.strip() or not output.strip():
@@ -215,46 +261,21 @@ def build(session: Session | None = None) -> gr.Blocks:
                 argv = ["render", input_spec, "-o", output, *settings_arguments(_values(names, raw)), "--report"]
                 job = session.start([*argv, "--resume"] if resume else argv)
             except VlrtError as exc:
-                yield [_error(exc), *[gr.update()] * 6]
-                return
+                return [_error(exc), *[gr.update()] * 6]
             subsampling = {"extract_nth_frame": settings.extract_nth_frame, "max_frames": settings.max_frames,
                            "is_continue": settings.is_continue}
-            seen = {"done": None, "index": None}
+            session.watch = RenderWatch(job, input_spec, output, subsampling)
+            return [shlex.join(["vlrt", *job.argv]), "starting", None, None, None, None, ""]
 
-            def pictures(final: bool) -> list[Any]:
-                """The latest finished frame beside its input, read only when the count moved."""
-                done = job.progress.done if job.progress else None
-                if not final and done == seen["done"]:
-                    return [gr.update(), gr.update()]
-                seen["done"] = done
-                latest = _latest_output(output)
-                if latest is None or latest[0] == seen["index"]:
-                    return [gr.update(), gr.update()]
-                seen["index"] = latest[0]
-                return [_frame(input_spec, latest[0], **subsampling), latest[1]]
+        def on_tick() -> list[Any]:
+            watch = session.watch
+            return [gr.update()] * 7 if watch is None else watch.update(session)
 
-            yield [shlex.join(["vlrt", *job.argv]), "starting", None, None, None, None, ""]
-            while job.running:
-                progress = job.progress.describe() if job.progress else "starting"
-                yield [gr.update(), progress, *pictures(False), gr.update(), gr.update(), "\n".join(job.messages)]
-                time.sleep(0.5)
-            done = job.wait() == 0
-            plot_path = beside(output, PLOT_SUFFIX)
-            finished = done and Path(output).is_file() and output.lower().endswith(VIDEO_SUFFIXES)
-            yield [
-                job.error() or ("finished" if done else "stopped: finished frames are kept; Resume continues"),
-                (job.progress.describe() if job.progress else "") + (" · done" if done else ""),
-                *pictures(True),
-                session.served(Path(output)) if finished else gr.update(),
-                np.asarray(Image.open(plot_path).convert("RGB")) if done and plot_path.is_file() else gr.update(),
-                "\n".join(job.messages),
-            ]
+        def on_render(input_spec: str, output: str, *raw: Any) -> list[Any]:
+            return render(input_spec, output, False, raw)
 
-        def on_render(input_spec: str, output: str, *raw: Any) -> Iterator[list[Any]]:
-            yield from render(input_spec, output, False, raw)
-
-        def on_resume(input_spec: str, output: str, *raw: Any) -> Iterator[list[Any]]:
-            yield from render(input_spec, output, True, raw)
+        def on_resume(input_spec: str, output: str, *raw: Any) -> list[Any]:
+            return render(input_spec, output, True, raw)
 
         def on_stop() -> str:
             if session.job is None or not session.job.running:
@@ -302,6 +323,7 @@ def build(session: Session | None = None) -> gr.Blocks:
         render_outputs = [message, status, input_frame, output_frame, video, plot, log]
         render_button.click(on_render, [input_path, output_path, *components], render_outputs)
         resume_button.click(on_resume, [input_path, output_path, *components], render_outputs)
+        gr.Timer(TICK_S).tick(on_tick, None, render_outputs, show_progress="hidden", concurrency_limit=1)
         stop_button.click(on_stop, None, message)
         preview_button.click(on_preview, [input_path, frames, sweeps, *components], [message, grid])
         grid.select(on_cell, grid, [message, *components])
