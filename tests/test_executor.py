@@ -45,7 +45,7 @@ def test_a_round_runs_while_the_driver_goes_on_and_its_results_show_only_when_co
         for job in jobs:
             executor.submit(job)
         started = time.perf_counter()
-        executor.run_once()  # starts the encode round on the engine thread: the gate keeps it there
+        executor.run_once()  # queues the encode round on the engine thread: the gate keeps it there
         assert time.perf_counter() - started < 5 and executor.pending == 2
         late = _job(3)
         executor.submit(late)  # joins the next round, whatever the engine thread is doing

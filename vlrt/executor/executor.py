@@ -7,22 +7,26 @@ and both CFG halves, each at its own timestep), then the VAE decodes of the jobs
 Engines split the rows into calls of at most their `max_batch`. Since every random draw belongs
 to its job, the batch never changes what a job computes (up to float rounding).
 
-Overlap (why a thread): a round runs on the executor's engine thread, so while the engines work
-the driver's thread does the host's share (decoding, blends of other frames, starting new jobs,
-encoding finished frames). `run_once()` waits for the round in flight, hands its finished jobs to
-the stages (`job.done`), and starts the next round with every job pending at that moment, then
-returns at once. A round's jobs are therefore fixed by what the stages submitted before it
-started, never by how long anything took: the batches, and so the frames, do not depend on timing.
+Overlap (why a thread, and why two rounds): rounds run on the executor's engine thread, so while
+the engines work the driver's thread does the host's share (decoding, blends of other frames,
+starting new jobs, encoding finished frames). Each `run_once()` queues the next round and then, if
+two are queued, waits for the older one and hands its finished jobs to the stages (`job.done`).
+So one round is always queued behind the running one: when a round ends the next starts at once,
+and the driver may be a whole round late before the device idles. A round's jobs are those of the
+previous round that are not finished (the engine thread carries them over) and those the stages
+submitted before the `run_once` that queued it: fixed by the order of the driver's calls, never by
+how long anything took, so the batches, and the frames, do not depend on timing. New jobs start
+one round later than they would if the driver waited for each round; that costs latency only.
 Within a round nothing waits for the device: engine calls and the sampler's tensor ops are queued
 (on a GPU) while the engine thread prepares the next call; the round ends with one
 `EngineSet.synchronize`, which also reads the engines' non-finite checks.
 Engine calls outside jobs (FastDVDNet's blocks, `run`) go through the same thread, after the
-round in flight, so one engine thread owns the device's work.
+rounds queued, so one engine thread owns the device's work.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 
@@ -41,10 +45,11 @@ class Executor:
         """With `control`, the UNet engine takes ControlNet residuals, which `control` computes per round."""
         self.engines = engines
         self.control = control
-        self.jobs: list[Img2ImgJob] = []  # submitted, not in the round in flight
+        self.jobs: list[Img2ImgJob] = []  # submitted, not yet given to a round
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrt-engines")
-        self._round: Future[list[Img2ImgJob]] | None = None
-        self._in_round = 0
+        self._rounds: deque[Future[list[Img2ImgJob]]] = deque()  # queued or running, oldest first
+        self._in_flight = 0  # given to rounds and not yet collected finished
+        self._carry: list[Img2ImgJob] = []  # the engine thread's own: the last round's unfinished jobs
 
     def __enter__(self) -> Executor:
         return self
@@ -53,7 +58,7 @@ class Executor:
         self.close()
 
     def close(self) -> None:
-        """Let the round in flight end (its errors are not raised again) and stop the engine thread."""
+        """Let the rounds queued end (their errors are not raised again) and stop the engine thread."""
         self._thread.shutdown(wait=True)
 
     def submit(self, job: Img2ImgJob) -> None:
@@ -62,36 +67,44 @@ class Executor:
 
     def run(self, component: str, **feed: torch.Tensor) -> dict[str, torch.Tensor]:
         """One batched call of a network that is not part of an img2img job (FastDVDNet's blocks),
-        on the engine thread after the round in flight."""
+        on the engine thread after the rounds queued."""
         return self._thread.submit(self.engines[component], **feed).result()
 
     @property
     def pending(self) -> int:
-        return len(self.jobs) + self._in_round
+        return len(self.jobs) + self._in_flight
 
     def run_once(self) -> None:
-        """Collect the round in flight, then start the next one with every pending job."""
-        self.wait()
-        if self.jobs:
-            batch, self.jobs = self.jobs, []
-            self._in_round = len(batch)
-            self._round = self._thread.submit(_advance, self.engines, self.control, batch)
+        """Queue the next round (the jobs submitted since the last call, with every unfinished one);
+        with two rounds queued, collect the older."""
+        if self.jobs or self._in_flight:
+            new, self.jobs = self.jobs, []
+            self._in_flight += len(new)
+            self._rounds.append(self._thread.submit(self._round, new))
+        if len(self._rounds) > 1:
+            self._collect()
 
     def wait(self) -> None:
-        """Wait for the round in flight; mark its finished jobs done, keep the rest pending (first, in order).
+        """Collect every round queued. An engine's error is raised here, on the driver's thread."""
+        while self._rounds:
+            self._collect()
 
-        An engine's error is raised here, on the driver's thread."""
-        if self._round is None:
-            return
-        round_, self._round = self._round, None
-        self._in_round = 0
-        batch = round_.result()
-        for job in batch:
-            job.done = job.phase is Phase.DONE
-        self.jobs = [job for job in batch if not job.done] + self.jobs
+    def _collect(self) -> None:
+        """Wait for the oldest round and mark the jobs it finished done."""
+        finished = self._rounds.popleft().result()
+        for job in finished:
+            job.done = True
+        self._in_flight -= len(finished)
+
+    def _round(self, new: list[Img2ImgJob]) -> list[Img2ImgJob]:
+        """On the engine thread: the carried jobs and `new` one phase on; returns those that finished."""
+        jobs = self._carry + new
+        _advance(self.engines, self.control, jobs)
+        self._carry = [job for job in jobs if job.phase is not Phase.DONE]
+        return [job for job in jobs if job.phase is Phase.DONE]
 
 
-def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> list[Img2ImgJob]:
+def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> None:
     """One round, on the engine thread: every job one phase on (decode, then denoise, then encode)."""
     by_phase: dict[Phase, list[Img2ImgJob]] = defaultdict(list)
     for job in jobs:
@@ -103,7 +116,6 @@ def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
     if by_phase[Phase.ENCODE]:
         _encode(engines, by_phase[Phase.ENCODE])
     engines.synchronize()  # the round's results are complete before the stages may read them
-    return jobs
 
 
 def _encode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
