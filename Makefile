@@ -8,6 +8,9 @@ TORCH ?= torch==2.13.0
 # CLIP's tokenizer vocabulary for single-file checkpoints (vlrt/model/clip_vocab.py): only its data file
 # is read, so its dependencies (torchvision, timm) are not installed.
 CLIP_VOCAB ?= open_clip_torch==3.3.0
+# ControlNet's annotator modules (the extra vlrt[annotators]) without the torchvision and timm that
+# controlnet_aux requires (they would replace torch): lineart, hed, pidinet and mlsd need neither.
+ANNOTATORS ?= controlnet_aux==0.0.10 einops==0.8.2
 DEMO_DIR := demo_out
 
 .PHONY: setup demo test bench clean
@@ -20,6 +23,7 @@ $(BIN)/vlrt: pyproject.toml
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[test,ray,ui]"
 	$(BIN)/pip install -q --no-deps "$(CLIP_VOCAB)"
+	$(BIN)/pip install -q --no-deps $(ANNOTATORS)
 	touch $(BIN)/vlrt
 
 demo: setup

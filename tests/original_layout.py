@@ -142,3 +142,30 @@ def to_original(
         **(open_clip_to_original(text, text_encoder.config.num_hidden_layers, extra_layer) if open_clip else clip_to_original(text)),
     }
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+
+def controlnet_to_original(controlnet: torch.nn.Module, prefix: str = "control_model.") -> dict:
+    """A diffusers ControlNetModel in the original ControlNet layout (ControlNet 1.0's files prefix every
+    key with control_model., 1.1's have none). Its encoder copy of the UNet keeps the UNet's names;
+    the extra parts are:
+      controlnet_cond_embedding.conv_in / blocks[k] / conv_out = input_hint_block.0 / .2(k+1) / .2(n+1)
+        (the Sequential's odd entries are its SiLUs; n blocks, 6 in every real ControlNet, so conv_out is .14)
+      controlnet_down_blocks[i] = zero_convs.i.0, controlnet_mid_block = middle_block_out.0
+    """
+    state = controlnet.state_dict()
+    unet_part = {k: v for k, v in state.items() if k.split(".")[0] in ("conv_in", "time_embedding", "down_blocks", "mid_block")}
+    out = {k.removeprefix("model.diffusion_model."): v for k, v in unet_to_original(unet_part, controlnet.config.layers_per_block).items()}
+    blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "controlnet_cond_embedding":
+            index = {"conv_in": 0, "conv_out": 2 * (blocks + 1)}.get(parts[1])
+            if index is None:  # blocks.k.weight
+                index = 2 * (int(parts[2]) + 1)
+            out[f"input_hint_block.{index}.{parts[-1]}"] = value
+        elif parts[0] == "controlnet_down_blocks":
+            out[f"zero_convs.{parts[1]}.0.{parts[2]}"] = value
+        elif parts[0] == "controlnet_mid_block":
+            out[f"middle_block_out.0.{parts[1]}"] = value
+    assert len(out) == len(state)
+    return {prefix + k: v.detach().contiguous().clone() for k, v in out.items()}

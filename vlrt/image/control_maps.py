@@ -2,8 +2,10 @@
 
 Built in: `none` (the reference already is a control map), `canny` (OpenCV's Canny edge detector
 with `threshold_a`/`threshold_b` as its low/high thresholds, as the WebUI's annotator calls it),
-`invert` (white-on-black line art from black-on-white drawings). The modules that need annotator
-networks are refused with what to do instead: precompute the maps into a reference folder.
+`invert` (white-on-black line art from black-on-white drawings). The annotator modules of
+`vlrt.image.annotators.ANNOTATORS` (openpose, depth, lineart, softedge, …) run controlnet_aux's
+detectors with weights from a local folder (`--annotators DIR`); the WebUI's other annotator modules
+are refused with what to do instead: precompute the maps into a reference folder.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import cv2
 import numpy as np
 
 from vlrt.errors import VlrtError
+from vlrt.image.annotators import ANNOTATORS, Annotators
 
 NONE, CANNY, INVERT = "none", "canny", "invert"
 MODULES = (NONE, CANNY, INVERT)
@@ -31,17 +34,25 @@ def check_module(name: str) -> str:
     """`name` if vlrt can run it; else one line saying what to do."""
     if name in MODULES:
         return name
+    if name in ANNOTATORS:
+        return name
     if name in ANNOTATOR_MODULES:
         raise VlrtError(
-            f"ControlNet module {name!r} needs an annotator network, which vlrt does not run: precompute the "
-            "control maps into a folder (e.g. with controlnet_aux), give it as reference_frames_directory or the "
-            "unit's image_dir, and set module = \"none\""
+            f"ControlNet module {name!r} needs an annotator network that vlrt does not run: precompute the "
+            "control maps into a folder (e.g. with the WebUI or controlnet_aux), give it as reference_frames_directory "
+            "or the unit's image_dir, and set module = \"none\""
         )
-    raise VlrtError(f"unknown ControlNet module {name!r}: use one of {', '.join(MODULES)} (or precompute maps and use none)")
+    raise VlrtError(
+        f"unknown ControlNet module {name!r}: use one of {', '.join(MODULES)}, or with --annotators DIR one of "
+        f"{', '.join(ANNOTATORS)}"
+    )
 
 
-def control_map(image: np.ndarray, module: str, threshold_a: float, threshold_b: float) -> np.ndarray:
-    """The control map (H, W, 3) uint8 of an RGB frame."""
+def control_map(
+    image: np.ndarray, module: str, threshold_a: float, threshold_b: float, annotators: Annotators | None = None,
+    processor_res: int = 512,
+) -> np.ndarray:
+    """The control map (H, W, 3) uint8 of an RGB frame; annotator modules run in `annotators`."""
     if module == NONE:
         return image
     if module == INVERT:
@@ -49,4 +60,6 @@ def control_map(image: np.ndarray, module: str, threshold_a: float, threshold_b:
     if module == CANNY:
         edges = cv2.Canny(image, threshold_a, threshold_b)
         return np.repeat(edges[..., None], 3, axis=2)
+    if module in ANNOTATORS and annotators is not None:
+        return annotators(module, image, processor_res)
     raise ValueError(f"unknown module {module!r}")

@@ -1,9 +1,16 @@
 """Loading the ControlNet of each unit, checked against the model it will steer.
 
 A unit's `model` is a diffusers `ControlNetModel` folder (config.json and weights), or a single
-file in the original ControlNet layout (`.safetensors`, `.pth`, `.ckpt`, as the WebUI uses),
-converted by diffusers with the configs vlrt ships (`model_configs/controlnet-sd1`, `-sd2`),
-SD 1.x and SD 2.x told apart by the cross-attention width in the file's keys; no hub is asked.
+file in the original ControlNet layout (`.safetensors`, `.pth`, `.ckpt`, as the WebUI uses; its
+keys under `control_model.` or bare, as ControlNet 1.1's files have them), converted by diffusers'
+`ControlNetModel.from_single_file` with the configs vlrt ships (`model_configs/controlnet-sd1`,
+`-sd2`); no hub is asked. The file's keys say its architecture before anything is converted
+(`original_structure`): SD 1.x and SD 2.x are told apart by the cross-attention width (768 / 1024),
+and the shipped config is used when the keys' block widths, layers, attention levels, projections
+and control-image encoder are its own. Any other ControlNet file (a fine-tune of another size, the
+tests' tiny ones) is converted with the structure its keys give and, for what keys cannot show
+(attention heads, normalisation groups), the model's UNet's values: a ControlNet is a copy of the
+encoder of the UNet it steers.
 A ControlNet whose architecture does not fit the model (cross-attention width, latent channels,
 block widths, or a hint encoder that does not downscale by the VAE's factor) is refused with what
 was found. LoRAs are fused into the model only, never into its ControlNets.
@@ -12,6 +19,8 @@ was found. LoRAs are fused into the model only, never into its ControlNets.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +33,17 @@ from vlrt.model.lora import file_sha256
 from vlrt.settings.controlnet import ControlNetUnit
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".ckpt")
+CONTROL_PREFIX = "control_model."  # ControlNet 1.0 files; 1.1's keys have no prefix
 HINT_KEY = "input_hint_block.0.weight"  # the original layout's control-image encoder
-FIRST_ATTENTION = "input_blocks.1.1.transformer_blocks.0" + CROSS_ATTENTION
+CONV_IN = "input_blocks.0.0.weight"
+HINT_CONV_OUT = 14  # diffusers' converter reads the encoder's last convolution at input_hint_block.14
 FAMILIES = {768: "SD 1.x", 1024: "SD 2.x"}
 SHIPPED = {768: CONFIGS / "controlnet-sd1", 1024: CONFIGS / "controlnet-sd2"}
+# What an original-layout file's keys do not show, taken from the model's UNet when its config is not a shipped one.
+FROM_UNET = (
+    "attention_head_dim", "num_attention_heads", "norm_num_groups", "norm_eps", "act_fn", "flip_sin_to_cos", "freq_shift",
+    "downsample_padding", "mid_block_scale_factor", "upcast_attention", "resnet_time_scale_shift", "only_cross_attention",
+)
 
 
 @dataclass
@@ -66,12 +82,16 @@ def _load(path: Path, model: Model) -> tuple[torch.nn.Module, str]:
             raise VlrtError(f"ControlNet folder {path} cannot be loaded ({_first_line(exc)}): re-download or re-convert it") from None
         digest = _folder_sha256(path)
     elif path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        config = _single_file_config(path, model)
+        folder, overrides = single_file_config(read_shapes(path), path, model)
         state = read_torch_checkpoint(path) if path.suffix.lower() != ".safetensors" else str(path)
         try:
-            network = ControlNetModel.from_single_file(state, config=str(config), local_files_only=True, torch_dtype=torch.float32)
+            network = ControlNetModel.from_single_file(
+                state, config=str(folder), local_files_only=True, torch_dtype=torch.float32, **overrides
+            )
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise VlrtError(f"ControlNet file {path} cannot be converted ({_first_line(exc)}): is it a ControlNet?") from None
+        if any(p.device.type == "meta" for p in network.parameters()):
+            raise VlrtError(f"ControlNet file {path} lacks weights its architecture needs: is the file complete?")
         _check_config(network.config, path, model)
         digest = file_sha256(path)
     else:
@@ -79,20 +99,107 @@ def _load(path: Path, model: Model) -> tuple[torch.nn.Module, str]:
     return network.to(model.device).eval(), digest
 
 
-def _single_file_config(path: Path, model: Model) -> Path:
-    """The shipped config for an original-layout ControlNet file, chosen by its keys."""
-    shapes = read_shapes(path)
-    shapes = {k.removeprefix("control_model."): v for k, v in shapes.items()}
+@dataclass(frozen=True)
+class OriginalControlNet:
+    """What an original-layout ControlNet file's keys say: its structure in diffusers' config names,
+    its family, and the shipped config folder when the structure is that config's."""
+
+    structure: dict
+    shipped: Path | None
+
+    @property
+    def width(self) -> int:
+        return self.structure["cross_attention_dim"]
+
+    @property
+    def family(self) -> str:
+        return family(self.width)
+
+
+def original_structure(shapes: dict[str, tuple[int, ...]], path: Path) -> OriginalControlNet:
+    """Read an original-layout ControlNet's architecture from its keys' names and shapes."""
+    width = cross_attention_width(shapes, path)
+    shapes = {k.removeprefix(CONTROL_PREFIX): v for k, v in shapes.items()}
+    if CONV_IN not in shapes:
+        raise VlrtError(f"{path} is a ControlNet without its first convolution ({CONV_IN}): is the file complete?")
+    levels: list[list[tuple[int, int]]] = [[]]  # per resolution level: (channels, transformer depth) of each layer
+    for i in sorted({int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks.")} - {0}):
+        if f"input_blocks.{i}.0.op.weight" in shapes:
+            levels.append([])
+            continue
+        out = shapes.get(f"input_blocks.{i}.0.out_layers.3.weight")
+        if out is None:
+            raise VlrtError(f"{path}: input block {i} is neither a ResNet layer nor a downsampler: it is not a ControlNet vlrt knows")
+        depth = len({k.split(".")[4] for k in shapes if k.startswith(f"input_blocks.{i}.1.transformer_blocks.")})
+        levels[-1].append((out[0], depth))
+    counts = {len(level) for level in levels}
+    if len(counts) != 1 or not levels[0]:
+        raise VlrtError(f"{path} has levels of {[len(level) for level in levels]} layers: vlrt converts ControlNets with equal levels")
+    depths = [max(d for _, d in level) or 1 for level in levels]
+    projections = [s for k, s in shapes.items() if k.endswith(".proj_in.weight")]
+    hint = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("input_hint_block.") and k.endswith(".weight"))
+    if hint[-1] != HINT_CONV_OUT:
+        raise VlrtError(
+            f"{path}'s control-image encoder has {len(hint)} convolutions, the original ControlNet's 8: convert it to a diffusers folder"
+        )
+    outs = [shapes[f"input_hint_block.{j}.weight"][0] for j in hint]
+    structure = {
+        "in_channels": shapes[CONV_IN][1],
+        "conditioning_channels": shapes[HINT_KEY][1],
+        "block_out_channels": [level[0][0] for level in levels],
+        "layers_per_block": counts.pop(),
+        "down_block_types": ["CrossAttnDownBlock2D" if any(d for _, d in level) else "DownBlock2D" for level in levels],
+        "cross_attention_dim": width,
+        "use_linear_projection": bool(projections) and len(projections[0]) == 2,
+        "transformer_layers_per_block": depths[0] if len(set(depths)) == 1 else depths,
+        "conditioning_embedding_out_channels": [outs[0], *outs[2:-1:2]],
+    }
+    shipped = SHIPPED.get(structure["cross_attention_dim"])
+    if shipped is not None:
+        config = _full_config(json.loads((shipped / "config.json").read_text(encoding="utf-8")))
+        if any(_plain(config[k]) != _plain(v) for k, v in structure.items()):
+            shipped = None
+    return OriginalControlNet(structure, shipped)
+
+
+def cross_attention_width(shapes: dict[str, tuple[int, ...]], path: Path) -> int:
+    """The cross-attention width of an original-layout ControlNet file: 768 for SD 1.x, 1024 for SD 2.x."""
+    shapes = {k.removeprefix(CONTROL_PREFIX): v for k, v in shapes.items()}
     if HINT_KEY not in shapes:
         raise VlrtError(f"{path} is not a ControlNet in the original layout (no {HINT_KEY}): give a ControlNet model file")
-    width = shapes[FIRST_ATTENTION][1] if FIRST_ATTENTION in shapes else None
-    if width not in SHIPPED:
-        raise VlrtError(
-            f"{path} is a ControlNet for {family(width) if width else 'an unknown architecture'}; vlrt converts SD 1.x "
-            "and SD 2.x ControlNet files: convert it to a diffusers folder"
-        )
-    _check_width(width, path, model)
-    return SHIPPED[width]
+    widths = {s[1] for k, s in shapes.items() if k.startswith(("input_blocks.", "middle_block.")) and k.endswith(CROSS_ATTENTION)}
+    if len(widths) != 1:
+        raise VlrtError(f"{path} is a ControlNet without one cross-attention width ({sorted(widths)}): vlrt cannot tell its architecture")
+    return widths.pop()
+
+
+def single_file_config(shapes: dict[str, tuple[int, ...]], path: Path, model: Model) -> tuple[Path, dict]:
+    """The config folder for `from_single_file` and the values that override it: none for a file the
+    shipped config fits; else the structure of its keys and the model's UNet's heads and norms. Refuses a
+    ControlNet that cannot steer the model before converting anything."""
+    _check_width(cross_attention_width(shapes, path), path, model)
+    found = original_structure(shapes, path)
+    if found.shipped is not None:
+        folder, overrides = found.shipped, {}
+    else:
+        unet = dict(model.unet.config)
+        folder = SHIPPED[768]
+        overrides = {**{k: unet[k] for k in FROM_UNET if k in unet}, **found.structure}
+    config = _full_config({**json.loads((folder / "config.json").read_text(encoding="utf-8")), **overrides})
+    _check_config(config, path, model)
+    return folder, overrides
+
+
+def _full_config(config: dict) -> dict:
+    """A ControlNetModel config with its defaults filled in."""
+    from diffusers import ControlNetModel
+
+    parameters = inspect.signature(ControlNetModel.__init__).parameters.values()
+    return {**{p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}, **config}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _check_width(width: int, path: Path, model: Model) -> None:

@@ -68,7 +68,7 @@ class Preparer:
                 "read_prompt_from_txt needs an image-folder input (the prompt files sit beside the frames): "
                 "extract the frames into a folder, or turn it off"
             )
-        self.control = ControlImages(settings, exact_count, width, height) if settings.controlnet else None
+        self.control = ControlImages(settings, exact_count, width, height, device) if settings.controlnet else None
         self.first_anchor: ColorAnchor | None = None
         self.shots = ShotTracker(settings.scene_cuts, settings.scene_cut_threshold, float(info.fps or 24), cuts)
 
@@ -81,13 +81,17 @@ class Preparer:
     def frames(self, frames: Iterator[Frame], first: int = 0) -> Iterator[Frame]:
         """The prepared frames from index `first` on. Frames before are still seen: a shot's first frame
         anchors `first` colours, and cut detection follows the video from frame 0."""
-        for frame in frames:
-            resized = self._resized(frame)
-            shot = self.shots.shot_of(frame.index, resized.image) if self.shots.active else 0
-            if shot == frame.index and self.settings.color_correction == FIRST:  # frame 0, or a shot's first
-                self.first_anchor = ColorAnchor(torch.from_numpy(resized.image).to(self.device))
-            if frame.index >= first:
-                yield self._prepared(resized, shot)
+        try:
+            for frame in frames:
+                resized = self._resized(frame)
+                shot = self.shots.shot_of(frame.index, resized.image) if self.shots.active else 0
+                if shot == frame.index and self.settings.color_correction == FIRST:  # frame 0, or a shot's first
+                    self.first_anchor = ColorAnchor(torch.from_numpy(resized.image).to(self.device))
+                if frame.index >= first:
+                    yield self._prepared(resized, shot)
+        finally:
+            if self.control is not None:
+                self.control.close()  # a control video's decoder
 
     def _prepared(self, frame: Frame, shot: int) -> Frame:
         meta = dict(frame.meta, shot=shot)

@@ -138,6 +138,9 @@ class Settings:
         [], "ControlNet unit: a model PATH, or model=PATH,module=canny,weight=0.8,guidance_end=0.6,... with the WebUI "
             "ControlNet API's names (repeatable; [[controlnet]] tables in the config)"
     )
+    annotators_dir: str = _f("", "folder of controlnet_aux's annotator weights (ControlNetHED.pth, sk_model.pth, "
+                                 "body_pose_model.pth, ...) for the units' annotator modules (openpose, depth, lineart, "
+                                 "softedge, ...); read offline", alias="annotators")
     clip_skip: int = _f(1, "CLIP skip as in the WebUI: 1 uses the text encoder's last layer, 2 the penultimate, ...")
     backend: str = _f(
         "auto", "engine backend: auto (TensorRT with a GPU, else ONNX Runtime), torch, ort, trt", group=RUN,

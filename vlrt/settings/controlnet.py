@@ -36,7 +36,8 @@ class ControlNetUnit:
     threshold_a: float = CANNY_THRESHOLDS[0]
     threshold_b: float = CANNY_THRESHOLDS[1]
     resize_mode: str = "Crop and Resize"
-    image_dir: str = ""  # a folder of control images for this unit, in place of the positional reference part
+    image_dir: str = ""  # a folder of control images or a video file for this unit, in place of the positional reference part
+    processor_res: int = 512  # the annotator modules' detection resolution (short side), the WebUI's "Preprocessor resolution"
 
     @property
     def resize(self) -> int:
@@ -64,10 +65,15 @@ def unit_from_table(table: dict[str, Any], where: str) -> ControlNetUnit:
                 value = float(value)
                 if not math.isfinite(value):
                     raise ValueError
+            elif kind == "int":
+                if isinstance(value, bool) or not float(value).is_integer():
+                    raise ValueError
+                value = int(float(value))
             elif not isinstance(value, str):
                 raise ValueError
         except (TypeError, ValueError):
-            raise VlrtError(f"{where}: {name} = {value!r} should be a {'number' if kind == 'float' else 'string'}") from None
+            wanted = {"float": "number", "int": "whole number"}.get(kind, "string")
+            raise VlrtError(f"{where}: {name} = {value!r} should be a {wanted}") from None
         values[name] = value
     unit = ControlNetUnit(**values)
     check_module(unit.module)
@@ -80,6 +86,8 @@ def unit_from_table(table: dict[str, Any], where: str) -> ControlNetUnit:
         raise VlrtError(f"{where}: control_mode {unit.control_mode!r} is not one of {', '.join(map(repr, CONTROL_MODES))}")
     if unit.resize_mode not in RESIZE_MODES:
         raise VlrtError(f"{where}: resize_mode {unit.resize_mode!r} is not one of {', '.join(map(repr, RESIZE_MODES))}")
+    if unit.processor_res < 64:
+        raise VlrtError(f"{where}: processor_res {unit.processor_res} is below 64 (the annotators' detection resolution, e.g. 512)")
     if unit.module == CANNY and not 0 <= unit.threshold_a <= unit.threshold_b:
         raise VlrtError(f"{where}: canny needs 0 <= threshold_a <= threshold_b (low and high thresholds), e.g. 100 and 200")
     return unit
