@@ -35,7 +35,7 @@ from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.model.controlnet import ControlNet, load_controlnets, residual_shapes
 from vlrt.model.loading import Model, ModelOptions, load_model
 from vlrt.model.prompt_syntax import split_lora_tags
-from vlrt.model.samplers import check_sampler
+from vlrt.model.samplers import check_sampler, prompt_steps
 from vlrt.model.textual_inversion import embedding_records
 from vlrt.render.engine_picker import default_engines_dir, open_engines, precision_for, resolve_backend
 from vlrt.render.memory import fit_render_size
@@ -527,9 +527,9 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
 def _settle(
     settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver, log: Callable[[str], None]
 ) -> tuple[Settings, Preparer]:
-    """The render size made concrete (and checked against memory), the schedules tried at the first
-    frame and the prepare step built, so that a bad size, schedule, mask or reference folder fails
-    before any work."""
+    """The render size made concrete (and checked against memory), the schedules and prompts tried at
+    the first frame and the prepare step built, so that a bad size, schedule, prompt (syntax,
+    embedding), mask or reference folder fails before any work."""
     width, height = frame_size(settings, info.width, info.height, model.vae_scale_factor)
     device = pick_device(settings.device)
     backend = resolve_backend(settings.backend, device)
@@ -540,6 +540,8 @@ def _settle(
     )
     settings = replace(settings, width=width, height=height)
     resolver.check_all_first()
+    first = resolver(0, 0)
+    model.encode_pair(first.prompt, first.negative_prompt, prompt_steps(settings.sampler_name, first.steps))
     return settings, Preparer(settings, info, width, height, model.device)
 
 
