@@ -13,6 +13,7 @@ from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet
 from vlrt.executor.executor import Executor
 from vlrt.executor.jobs import Img2ImgJob
 from vlrt.model import sampler_steps
+from vlrt.model.prompt_embeddings import StepEmbeddings
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 from vlrt.tools.occupancy import ModelledEngine
@@ -31,8 +32,9 @@ class _GatedEngine(ModelledEngine):
 
 
 def _job(seed: int) -> Img2ImgJob:
+    text = StepEmbeddings((4,), (torch.zeros(1, 4, 8),))
     return Img2ImgJob(
-        torch.full((16, 16, 3), 128, dtype=torch.uint8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), guidance=1.0,
+        torch.full((16, 16, 3), 128, dtype=torch.uint8), text, text, guidance=1.0,
         sampler_name="Euler", scheduler_config={"num_train_timesteps": 1000}, steps=4, strength=0.5, seed=seed,
         subseed=0, subseed_strength=0.0, scaling_factor=1.0,
     )

@@ -245,7 +245,7 @@ def _log(args: argparse.Namespace):
 NO_OVERWRITE_HELP = "refuse (before any work) when an output file exists already, instead of replacing it"
 EXPORT_COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "fastdvdnet")
 # Settings applied when the model is loaded (see pipeline.open_model), which a preview does once.
-MODEL_SETTINGS = ("model", "model_config", "prediction_type", "vae", "lora", "lora_dir", "clip_skip")
+MODEL_SETTINGS = ("model", "model_config", "prediction_type", "vae", "lora", "lora_dir", "embeddings_dir", "clip_skip")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from vlrt.executor.control import ControlInput
 from vlrt.executor.noise import generator, variation_noise
 from vlrt.image.blend import ROUND, quantise
 from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
+from vlrt.model.prompt_embeddings import StepEmbeddings
 from vlrt.model.sampler_steps import add_noise, plan
 from vlrt.model.samplers import make_scheduler
 
@@ -61,8 +62,8 @@ class Img2ImgJob:
     def __init__(
         self,
         image: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: StepEmbeddings,
+        uncond: StepEmbeddings,
         guidance: float,
         sampler_name: str,
         scheduler_config: dict[str, Any],
@@ -78,7 +79,8 @@ class Img2ImgJob:
         control: tuple[ControlInput, ...] = (),
         rounding: str = ROUND,
     ) -> None:
-        """`control` holds the job's ControlNet units (vlrt.executor.control), in unit order;
+        """`cond` and `uncond` are the prompt's and negative prompt's embeddings per sampling step, of one
+        shape (`Model.encode_pair`). `control` holds the job's ControlNet units (vlrt.executor.control), in unit order;
         `rounding` how the decoded image becomes 8 bits (`tensor_to_image`).
         `latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
@@ -153,8 +155,9 @@ class Img2ImgJob:
 
     @property
     def embeddings(self) -> torch.Tensor:
-        """This job's text embeddings, one per UNet row (unconditional first)."""
-        return torch.cat([self.uncond, self.cond]) if self.cfg else self.cond
+        """This job's text embeddings at its next step, one per UNet row (unconditional first)."""
+        cond = self.cond.at(self.index)
+        return torch.cat([self.uncond.at(self.index), cond]) if self.cfg else cond
 
     def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This job's UNet rows with its own scheduler: (sample, timestep, text embeddings)."""

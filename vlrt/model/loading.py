@@ -19,8 +19,9 @@ import torch
 from vlrt.errors import VlrtError
 from vlrt.model.checkpoints import check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
 from vlrt.model.lora import apply_loras, lora_specs, untagged_prompt
-from vlrt.model.prompt_embeddings import PromptEncoder
+from vlrt.model.prompt_embeddings import PromptEncoder, StepEmbeddings
 from vlrt.model.prompt_syntax import LoraTag
+from vlrt.model.textual_inversion import EmbeddingFile, read_folder
 from vlrt.model.vae_override import load_vae
 
 COMPONENTS = {
@@ -49,10 +50,11 @@ class Model:
     loras: list[dict[str, Any]] = field(default_factory=list)  # what was fused: path, scale, sha256
     lora_tags: tuple[LoraTag, ...] = ()  # the prompt's <lora:…> tags among them, which every prompt must carry
     config_root: Path | None = None  # the folder holding the model's diffusers configs
+    embeddings: list[EmbeddingFile] = field(default_factory=list)  # the textual-inversion files prompts may name
     prompts: PromptEncoder = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device, self.clip_skip)
+        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device, self.clip_skip, self.embeddings)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -78,23 +80,25 @@ class Model:
         """Text embeddings [1, 77·chunks, D] of a WebUI-syntax prompt, computed once per distinct text."""
         return self.prompts(untagged_prompt(text, self.lora_tags))
 
-    def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) of one job, of equal length so that both CFG rows share a UNet call.
-        The negative prompt's `<…>` stays text, as in the WebUI, which applies the prompt's tags only."""
-        return self.prompts.pair(untagged_prompt(prompt, self.lora_tags), negative)
+    def encode_pair(self, prompt: str, negative: str, steps: int) -> tuple[StepEmbeddings, StepEmbeddings]:
+        """(cond, uncond) of one job over its prompts' schedules of `steps` steps, all of one length so
+        that both CFG rows share a UNet call. The negative prompt's `<…>` stays text, as in the WebUI,
+        which applies the prompt's tags only."""
+        return self.prompts.pair(untagged_prompt(prompt, self.lora_tags), negative, steps)
 
 
 @dataclass(frozen=True)
 class ModelOptions:
     """What changes a model as it is loaded: a VAE in place of its own, LoRAs (files, and the
-    prompt's tags found in a folder), CLIP skip, and for single-file checkpoints the config folder
-    and the prediction type."""
+    prompt's tags found in a folder), CLIP skip, the textual-inversion embeddings' folder, and for
+    single-file checkpoints the config folder and the prediction type."""
 
     vae: str = ""
     loras: tuple[str, ...] = ()
     lora_tags: tuple[LoraTag, ...] = ()
     lora_dir: str = ""
     clip_skip: int = 1
+    embeddings_dir: str = ""
     model_config: str = ""
     prediction_type: str = "auto"
 
@@ -143,6 +147,7 @@ def load_model(
         lib.utils.logging.disable_progress_bar()
 
     path, is_demo = resolve_model_path(spec)
+    embeddings = read_folder(options.embeddings_dir) if options.embeddings_dir else []
     if path.is_dir():
         modules, scheduler_config, config_root = _load_folder(path, dtype, options)
     else:
@@ -165,6 +170,7 @@ def load_model(
         loras=loras,
         lora_tags=options.lora_tags,
         config_root=config_root,
+        embeddings=embeddings,
     )
 
 

@@ -1,4 +1,4 @@
-"""Text embeddings of WebUI-syntax prompts: chunked, weighted, CLIP skip, cached per prompt.
+"""Text embeddings of WebUI-syntax prompts: chunked, weighted, CLIP skip, per sampling step, cached.
 
 What the WebUI does, from its documented behaviour:
 - Every 75-token chunk (`prompt_syntax.chunk_prompt`) becomes start token + tokens + end token,
@@ -14,6 +14,11 @@ What the WebUI does, from its documented behaviour:
   the empty prompt's chunk (the WebUI's "pad prompt/negative prompt to be same length"), so both
   CFG rows of a job share one UNet call. The WebUI's default since 1.6 evaluates them separately
   at their own lengths instead; with padding the shorter one attends to a few more empty tokens.
+- Prompt editing and alternation (`prompt_schedule`) give a prompt several texts over the sampling
+  steps; each is encoded, and all texts of a job's prompt and negative prompt are padded to one
+  length, so a job's UNet rows keep their shape from step to step (and batch with other jobs').
+- A textual-inversion embedding's vectors replace the token embeddings of its placeholders, before
+  the position embeddings are added, as diffusers' `load_textual_inversion` makes them do.
 
 A prompt of plain text (no syntax, at most 75 tokens) gives exactly what diffusers' pipeline
 computes, which the exactness tests against diffusers rely on.
@@ -21,20 +26,45 @@ computes, which the exactness tests against diffusers rely on.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vlrt.errors import VlrtError
+from vlrt.model.prompt_schedule import entry_at, prompt_schedule, refuse_composition
 from vlrt.model.prompt_syntax import Chunk, chunk_prompt, parse_prompt
+from vlrt.model.textual_inversion import EmbeddingFile, EmbeddingMatcher, Vectors
 
 CHUNK_LENGTH = 77  # 75 tokens + start + end: CLIP's context
+
+
+@dataclass(frozen=True)
+class StepEmbeddings:
+    """A prompt's text embeddings over the sampling steps: `tensors[i]` serves step k (0-based, from
+    a job's first step) up to `ends[i]` (`prompt_schedule`'s rule); all of one shape."""
+
+    ends: tuple[int, ...]
+    tensors: tuple[torch.Tensor, ...]
+
+    def at(self, k: int) -> torch.Tensor:
+        return self.tensors[entry_at(self.ends, k)]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tensors[0].shape
 
 
 class PromptEncoder:
     """Embeds prompts with one model's tokenizer and text encoder; one result per distinct text."""
 
-    def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device, clip_skip: int = 1) -> None:
+    def __init__(
+        self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device, clip_skip: int = 1,
+        embeddings: list[EmbeddingFile] = (),
+    ) -> None:
+        """`embeddings`: the textual-inversion files prompts may name (`textual_inversion.read_folder`)."""
         layers = int(text_encoder.config.num_hidden_layers)
         if not 1 <= clip_skip <= layers:
             raise VlrtError(f"clip_skip {clip_skip} is out of range: this text encoder has {layers} layers (use 1 to {layers})")
@@ -42,42 +72,51 @@ class PromptEncoder:
         self.text_encoder = text_encoder
         self.device = device
         self.clip_skip = clip_skip
-        self._cache: dict[str, torch.Tensor] = {}
+        # Keyed on the text and the sha256 of the embedding files it names: a text means other vectors with other files.
+        self._cache: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
         commas = tokenizer(",", add_special_tokens=False).input_ids
         self.comma = commas[0] if len(commas) == 1 else None
         self.use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
+        width = text_encoder.get_input_embeddings().embedding_dim
+        self.embeddings = EmbeddingMatcher(list(embeddings), self._tokenize, width) if embeddings else None
 
     def __call__(self, text: str) -> torch.Tensor:
-        """Embeddings [1, 77·chunks, D] of one prompt, computed once per distinct text."""
-        cached = self._cache.get(text)
+        """Embeddings [1, 77·chunks, D] of one text (no prompt editing left in it), computed once."""
+        chunks = self.chunks(text)
+        key = (text, tuple(v.sha256 for chunk in chunks for _, v in chunk.fixes))
+        cached = self._cache.get(key)
         if cached is None:
-            cached = self._cache[text] = self._encode(text)
+            cached = self._cache[key] = self._encode(chunks)
         return cached
 
-    def pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cond, uncond) of one job, the shorter padded with empty-prompt chunks to the other's length."""
-        cond, uncond = self(prompt), self(negative)
-        if cond.shape[1] == uncond.shape[1]:
-            return cond, uncond
+    def pair(self, prompt: str, negative: str, steps: int) -> tuple[StepEmbeddings, StepEmbeddings]:
+        """(cond, uncond) of one job over a schedule of `steps` steps (`prompt_schedule`), every text
+        padded with empty-prompt chunks to the longest one's length."""
+        refuse_composition(prompt)
+        schedules = [prompt_schedule(prompt, steps), prompt_schedule(negative, steps)]
+        encoded = [[self(text) for _, text in schedule] for schedule in schedules]
+        longest = max(z.shape[1] for texts in encoded for z in texts)
         empty = self("")
-        longest = max(cond.shape[1], uncond.shape[1])
 
         def padded(z: torch.Tensor) -> torch.Tensor:
             missing = (longest - z.shape[1]) // CHUNK_LENGTH
             return torch.cat([z, empty.repeat(1, missing, 1)], dim=1) if missing else z
 
-        return padded(cond), padded(uncond)
+        cond, uncond = (
+            StepEmbeddings(tuple(end for end, _ in schedule), tuple(padded(z) for z in texts))
+            for schedule, texts in zip(schedules, encoded)
+        )
+        return cond, uncond
 
     def chunks(self, text: str) -> list[Chunk]:
-        """The prompt's token chunks (before start/end tokens and padding)."""
-        return chunk_prompt(parse_prompt(text), self._tokenize, self.comma)
+        """The text's token chunks (before start/end tokens and padding), embeddings' vectors in place."""
+        return chunk_prompt(parse_prompt(text), self._tokenize, self.comma, self.embeddings)
 
     def _tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
     @torch.inference_mode()
-    def _encode(self, text: str) -> torch.Tensor:
-        chunks = self.chunks(text)
+    def _encode(self, chunks: list[Chunk]) -> torch.Tensor:
         bos, eos, pad = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids, weights, masks = [], [], []
         for chunk in chunks:
@@ -86,7 +125,8 @@ class PromptEncoder:
             weights.append([1.0, *chunk.weights, 1.0] + [1.0] * fill)
             masks.append([1] * (CHUNK_LENGTH - fill) + [0] * fill)
         mask = torch.tensor(masks, device=self.device) if self.use_mask else None
-        z = self._hidden(torch.tensor(ids, device=self.device), mask).float()
+        with _token_vectors(self.text_encoder, [chunk.fixes for chunk in chunks]):
+            z = self._hidden(torch.tensor(ids, device=self.device), mask).float()
         w = torch.tensor(weights, dtype=torch.float32, device=z.device)
         if not bool((w == 1.0).all()):
             z = torch.stack([_weighted(zc, wc) for zc, wc in zip(z, w)])
@@ -99,6 +139,28 @@ class PromptEncoder:
         out = self.text_encoder(input_ids, attention_mask=mask, output_hidden_states=True)
         final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
         return final_norm(out.hidden_states[-self.clip_skip])
+
+
+@contextmanager
+def _token_vectors(text_encoder: torch.nn.Module, fixes: list[list[tuple[int, Vectors]]]) -> Iterator[None]:
+    """While encoding, row b's token embeddings from position 1 + offset (after the start token) are
+    the vectors of the embeddings in `fixes[b]`."""
+    if not any(fixes):
+        yield
+        return
+
+    def replace(module: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        for row, row_fixes in enumerate(fixes):
+            for offset, vectors in row_fixes:
+                out[row, 1 + offset : 1 + offset + vectors.tensor.shape[0]] = vectors.tensor.to(out)
+        return out
+
+    handle = text_encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _weighted(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -15,13 +15,15 @@ its code:
 - Neighbouring pieces of equal weight are joined before tokenizing, so `(a)(b)` reads as `ab`.
 - `<lora:NAME>` and `<lora:NAME:SCALE>` (the WebUI's extra-network tags) are no text: the render
   fuses those LoRAs (`vlrt.model.lora`) and `split_lora_tags` takes the tags out before tokenizing.
-- Prompt editing `[from:to:when]` and alternation `[a|b]` (a `:` or `|` inside square brackets,
-  outside a weight) are refused: vlrt keeps one prompt for all of a sample's steps.
+- Prompt editing `[from:to:when]` and alternation `[a|b]` are resolved before this, into the text
+  of each sampling step (`prompt_schedule`); what reaches here is such a text.
 
 Chunks: the tokens of each piece (tokenized separately, without start and end tokens) are
-filled into chunks of 75. When a chunk is full and the next token is not a comma, the tokens
-after the chunk's last comma move on to the next chunk if that comma is among its last 20
-tokens, so a phrase is not cut in two. Each chunk is then wrapped in the start and end tokens
+filled into chunks of 75; a textual-inversion embedding's name in them becomes its vectors, one
+token each, never cut between chunks (`textual_inversion`). When a chunk is full and the next
+token is not a comma, the tokens after the chunk's last comma (an embedding's vectors with them)
+move on to the next chunk if that comma is among its last 20 tokens, so a phrase is not cut in
+two. (The WebUI leaves moved vectors behind, in the first chunk's padding: a bug not copied.) Each chunk is then wrapped in the start and end tokens
 and padded to 77 (see `prompt_embeddings`).
 """
 
@@ -32,6 +34,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vlrt.errors import VlrtError
+from vlrt.model.textual_inversion import Vectors
 
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
@@ -42,8 +45,6 @@ _WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _ESCAPABLE = "()[]\\"
 _EXTRA_NETWORK = re.compile(r"<(\w+):([^<>]*)>")
-_ESCAPED = re.compile(r"\\.")
-_EDITING = re.compile(r"\[[^\[\]]*[:|][^\[\]]*\]")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,6 @@ def split_lora_tags(prompt: str) -> tuple[str, tuple[LoraTag, ...]]:
 
 def parse_prompt(prompt: str) -> list[Fragment]:
     """The prompt as weighted text pieces and BREAK markers, equal neighbours joined."""
-    _refuse_prompt_editing(prompt)
     pieces: list[list] = []  # [text, weight, is_break], weights multiplied in place as brackets close
     round_open: list[int] = []
     square_open: list[int] = []
@@ -154,18 +154,6 @@ def parse_prompt(prompt: str) -> list[Fragment]:
     return _join(pieces)
 
 
-def _refuse_prompt_editing(prompt: str) -> None:
-    """The WebUI's prompt editing `[from:to:when]` and alternation `[a|b]` change the prompt between
-    sampling steps, which vlrt does not do; read as emphasis they would silently mean something else."""
-    text = _WEIGHT.sub(")", _ESCAPED.sub("", prompt))  # the ':' of (word:1.2) is a weight
-    found = _EDITING.search(text)
-    if found:
-        raise VlrtError(
-            f"the prompt's {found.group(0)} is the WebUI's prompt editing or alternation, which vlrt does not do: "
-            "change the prompt over frames with prompt_schedule instead, or escape the brackets as \\[ \\]"
-        )
-
-
 def _number(text: str) -> float | None:
     try:
         return float(text)
@@ -189,16 +177,26 @@ def _join(pieces: list[list]) -> list[Fragment]:
 
 @dataclass
 class Chunk:
-    """Up to 75 token ids and their weights, before the start/end tokens and padding."""
+    """Up to 75 token ids and their weights, before the start/end tokens and padding; `fixes` are
+    the embeddings whose vectors replace the placeholder tokens from their offset on."""
 
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Vectors]] = field(default_factory=list)
+
+
+# The token id an embedding's vectors stand on until they replace its token embeddings (the WebUI's).
+PLACEHOLDER = 0
+FindEmbedding = Callable[[list[int], int], "tuple[Vectors, int] | None"]
 
 
 def chunk_prompt(
-    fragments: Sequence[Fragment], tokenize: Callable[[str], list[int]], comma: int | None
+    fragments: Sequence[Fragment], tokenize: Callable[[str], list[int]], comma: int | None,
+    find_embedding: FindEmbedding | None = None,
 ) -> list[Chunk]:
-    """The fragments' tokens cut into chunks of at most 75, at BREAKs and (near the end) at commas."""
+    """The fragments' tokens cut into chunks of at most 75, at BREAKs and (near the end) at commas;
+    with `find_embedding` (`textual_inversion.EmbeddingMatcher`), an embedding's name becomes its
+    vectors, one token each, all in one chunk."""
     chunks: list[Chunk] = []
     chunk = Chunk()
     last_comma = -1
@@ -213,19 +211,35 @@ def chunk_prompt(
         if fragment.is_break:
             close()
             continue
-        for token in tokenize(fragment.text) if fragment.text else []:
+        tokens = tokenize(fragment.text) if fragment.text else []
+        at = 0
+        while at < len(tokens):
+            token = tokens[at]
             if token == comma:
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == CHUNK_TOKENS and last_comma != -1 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1
-                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:])
+                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:], [(o - cut, v) for o, v in chunk.fixes if o >= cut])
                 del chunk.tokens[cut:], chunk.weights[cut:]
+                chunk.fixes = [(o, v) for o, v in chunk.fixes if o < cut]
                 close()
                 chunk = moved
             if len(chunk.tokens) == CHUNK_TOKENS:
                 close()
-            chunk.tokens.append(token)
-            chunk.weights.append(fragment.weight)
+            found = find_embedding(tokens, at) if find_embedding is not None else None
+            if found is None:
+                chunk.tokens.append(token)
+                chunk.weights.append(fragment.weight)
+                at += 1
+                continue
+            vectors, name_tokens = found
+            count = vectors.tensor.shape[0]
+            if len(chunk.tokens) + count > CHUNK_TOKENS:
+                close()
+            chunk.fixes.append((len(chunk.tokens), vectors))
+            chunk.tokens += [PLACEHOLDER] * count
+            chunk.weights += [fragment.weight] * count
+            at += name_tokens
     if chunk.tokens or not chunks:
         close()
     return chunks

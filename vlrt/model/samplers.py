@@ -49,6 +49,16 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
+# Samplers that evaluate the UNet twice a step: the WebUI's prompt schedules count those evaluations,
+# over twice the steps (its "second_order" samplers; Heun is vlrt's one).
+SECOND_ORDER = frozenset({"Heun"})
+
+
+def prompt_steps(name: str, steps: int) -> int:
+    """The length of a prompt schedule's timeline (`prompt_schedule`) for `steps` steps of sampler `name`."""
+    return steps * 2 if name in SECOND_ORDER else steps
+
+
 def check_sampler(name: str) -> None:
     """Fail early, naming the choices, for a sampler vlrt does not know."""
     if name not in SAMPLERS:

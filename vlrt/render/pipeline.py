@@ -35,7 +35,8 @@ from vlrt.io.sources import Source, SourceInfo, open_source
 from vlrt.model.controlnet import ControlNet, load_controlnets, residual_shapes
 from vlrt.model.loading import Model, ModelOptions, load_model
 from vlrt.model.prompt_syntax import split_lora_tags
-from vlrt.model.samplers import check_sampler
+from vlrt.model.samplers import check_sampler, prompt_steps
+from vlrt.model.textual_inversion import embedding_records
 from vlrt.render.engine_picker import default_engines_dir, open_engines, precision_for, resolve_backend
 from vlrt.render.memory import fit_render_size
 from vlrt.render.prepare import Preparer
@@ -43,6 +44,7 @@ from vlrt.render.preview import PreviewCollector
 from vlrt.render.progress import Progress
 from vlrt.render.run_state import (
     check_same_controlnets,
+    check_same_embeddings,
     check_same_loras,
     finished_folder_frames,
     finished_video_frames,
@@ -76,10 +78,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def open_model(settings: Settings, device: torch.device) -> Model:
-    """The run's model with its settings' VAE, LoRAs (`--lora` and the prompt's tags), CLIP skip and single-file options."""
+    """The run's model with its settings' VAE, LoRAs (`--lora` and the prompt's tags), CLIP skip, embeddings
+    and single-file options."""
     options = ModelOptions(
         vae=settings.vae, loras=tuple(settings.lora), lora_tags=split_lora_tags(settings.prompt)[1],
-        lora_dir=settings.lora_dir, clip_skip=settings.clip_skip,
+        lora_dir=settings.lora_dir, clip_skip=settings.clip_skip, embeddings_dir=settings.embeddings_dir,
         model_config=settings.model_config, prediction_type=settings.prediction_type,
     )
     return load_model(settings.model, device, options=options)
@@ -244,9 +247,11 @@ def render(
         model = open_model(settings, device)
     controlnets = load_controlnets(settings.controlnet, model)
     records = controlnet_records(controlnets)
+    embeddings = embedding_records(model.embeddings)
     if resume:
         check_same_loras(output_spec, model.loras)
         check_same_controlnets(output_spec, records)
+        check_same_embeddings(output_spec, embeddings)
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
         settings, prepare = _settle(settings, source.info, model, resolver, progress.log)
@@ -257,10 +262,11 @@ def render(
             progress.log("vlrt: save_every_loop ignored: the output is a pipe")
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
-        write_settings(settings, input_spec, output_spec, None, model.loras, controlnets=records)
+        write_settings(settings, input_spec, output_spec, None, model.loras, controlnets=records, embeddings=embeddings)
         with executor:
             written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
-    write_settings(settings, input_spec, output_spec, written, model.loras, controlnets=records, cuts=prepare.shots.cuts)
+    write_settings(settings, input_spec, output_spec, written, model.loras, controlnets=records, cuts=prepare.shots.cuts,
+                   embeddings=embeddings)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -506,7 +512,11 @@ class PreparedRender:
     loras: list[dict]  # the LoRA files fused into the model (path, scale, sha256), for the settings file
     times: list[Fraction] | None  # each frame's time in seconds at a variable rate, else None
     controlnets: list[dict]  # each unit's ControlNet (model, sha256), for the settings file
+<<<<<<< HEAD
     cuts: tuple[int, ...]  # the scene cuts (given, or detected by a scan of the whole input)
+=======
+    embeddings: list[dict]  # the textual-inversion files prompts may name (name, path, sha256), for the settings file
+>>>>>>> prompts
 
 
 def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
@@ -528,7 +538,11 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     _engines(settings, model, denoiser, pick_device(settings.device), log, controlnets)
     return PreparedRender(
         settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
+<<<<<<< HEAD
         frame_times_for(settings, info), controlnet_records(controlnets), cuts,
+=======
+        frame_times_for(settings, info), controlnet_records(controlnets), embedding_records(model.embeddings),
+>>>>>>> prompts
     )
 
 
@@ -536,9 +550,9 @@ def _settle(
     settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver, log: Callable[[str], None],
     cuts: Sequence[int] | None = None,
 ) -> tuple[Settings, Preparer]:
-    """The render size made concrete (and checked against memory), the schedules tried at the first
-    frame and the prepare step built, so that a bad size, schedule, mask or reference folder fails
-    before any work."""
+    """The render size made concrete (and checked against memory), the schedules and prompts tried at
+    the first frame and the prepare step built, so that a bad size, schedule, prompt (syntax,
+    embedding), mask or reference folder fails before any work."""
     width, height = frame_size(settings, info.width, info.height, model.vae_scale_factor)
     device = pick_device(settings.device)
     backend = resolve_backend(settings.backend, device)
@@ -549,7 +563,13 @@ def _settle(
     )
     settings = replace(settings, width=width, height=height)
     resolver.check_all_first()
+<<<<<<< HEAD
     return settings, Preparer(settings, info, width, height, model.device, cuts)
+=======
+    first = resolver(0, 0)
+    model.encode_pair(first.prompt, first.negative_prompt, prompt_steps(settings.sampler_name, first.steps))
+    return settings, Preparer(settings, info, width, height, model.device)
+>>>>>>> prompts
 
 
 def _frame_at(settings: Settings, input_spec: str, index: int) -> Frame:

@@ -79,11 +79,12 @@ def write_settings(
     *,
     controlnets: list[dict[str, Any]] | None = None,
     cuts: list[int] | None = None,
+    embeddings: list[dict[str, Any]] | None = None,
 ) -> None:
     """Record the run (atomically); `frames` None means the render is still under way. `loras`
-    (path, scale, sha256 of each file) and `controlnets` (model, sha256 of each unit's) say which
-    files exactly the frames were made with; `cuts` the scene cuts the render used (the first frame
-    of each new shot)."""
+    (path, scale, sha256 of each file), `controlnets` (model, sha256 of each unit's) and `embeddings`
+    (name, path, sha256 of each textual-inversion file prompts may name) say which files exactly the
+    frames were made with; `cuts` the scene cuts the render used (the first frame of each new shot)."""
     path = settings_path(output_spec)
     if path is None:
         return
@@ -97,6 +98,8 @@ def write_settings(
         extra["scene_cuts"] = sorted(cuts)
     if controlnets:
         extra["controlnet"] = controlnets
+    if embeddings:
+        extra["embedding"] = embeddings
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
     tmp.replace(path)
@@ -131,6 +134,11 @@ def check_same_loras(output: str, loras: list[dict[str, Any]]) -> None:
 def check_same_controlnets(output: str, controlnets: list[dict[str, Any]]) -> None:
     """--resume: each ControlNet unit's model must be the very one the interrupted render used (same contents)."""
     _check_same_files(output, "controlnet", controlnets, "ControlNet models")
+
+
+def check_same_embeddings(output: str, embeddings: list[dict[str, Any]]) -> None:
+    """--resume: the embeddings folder must hold the very files the interrupted render had (same contents)."""
+    _check_same_files(output, "embedding", embeddings, "textual-inversion files in embeddings_dir")
 
 
 def _check_same_files(output: str, key: str, records: list[dict[str, Any]], what: str) -> None:

@@ -57,7 +57,14 @@ from vlrt.render.pipeline import (
     render_span,
 )
 from vlrt.render.progress import Progress
-from vlrt.render.run_state import check_same_controlnets, check_same_loras, is_folder_output, resume_settings, write_settings
+from vlrt.render.run_state import (
+    check_same_controlnets,
+    check_same_embeddings,
+    check_same_loras,
+    is_folder_output,
+    resume_settings,
+    write_settings,
+)
 from vlrt.scale.segment_progress import FrameCounter
 from vlrt.scale.segments import Segment, halo_overhead, split
 from vlrt.settings.config import Settings
@@ -103,12 +110,17 @@ def render_segments(
         if resume:
             check_same_loras(output_spec, prepared.loras)
             check_same_controlnets(output_spec, prepared.controlnets)
+            check_same_embeddings(output_spec, prepared.embeddings)
         reach = pipeline_reach(settings)
         plan = split(prepared.frames, segments, reach, prepared.cuts)
         _describe(plan, segments, reach, progress)
         keep_only(Path(output_spec), [(s.start, s.stop) for s in plan] if resume else [])
         write_settings(settings, input_spec, output_spec, None, prepared.loras, controlnets=prepared.controlnets,
+<<<<<<< HEAD
                        cuts=list(prepared.cuts))
+=======
+                       embeddings=prepared.embeddings)
+>>>>>>> prompts
         todo = [s for s in plan if not _finished(output_spec, s)] if resume else plan
         if resume:
             progress.log(f"vlrt: resuming: {len(plan) - len(todo)} of {len(plan)} segments are finished")
@@ -116,7 +128,11 @@ def render_segments(
     if not is_folder_output(output_spec):
         join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio, prepared.times)
     write_settings(settings, input_spec, output_spec, prepared.frames, prepared.loras, controlnets=prepared.controlnets,
+<<<<<<< HEAD
                    cuts=list(prepared.cuts))
+=======
+                   embeddings=prepared.embeddings)
+>>>>>>> prompts
     seconds = time.perf_counter() - started
     progress.log(f"vlrt: wrote {prepared.frames} frames to {output_spec} in {seconds:.1f} s ({len(plan)} segments)")
     return RenderResult(prepared.frames, output_spec, settings, calls, seconds)

@@ -134,6 +134,8 @@ class Settings:
     lora: list[str] = _f([], "PATH[:SCALE] of a LoRA fused into the model (repeatable; a list in the config; scale 1 by default)")
     lora_dir: str = _f("", "folder where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors (subfolders too, "
                            "as the WebUI's models/Lora)")
+    embeddings_dir: str = _f("", "the WebUI's embeddings/ folder: a prompt word naming a textual-inversion file in it "
+                                 "(subfolders too) is replaced by its vectors")
     controlnet: list[ControlNetUnit] = _f(
         [], "ControlNet unit: a model PATH, or model=PATH,module=canny,weight=0.8,guidance_end=0.6,... with the WebUI "
             "ControlNet API's names (repeatable; [[controlnet]] tables in the config)"

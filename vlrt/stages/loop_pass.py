@@ -37,6 +37,7 @@ from vlrt.image.inpaint import InpaintOptions, InpaintPlan, plan_inpaint
 from vlrt.image.masks import composite
 from vlrt.image.temporal_diff import DIFFERENCE_METHOD, diff_mask_blend
 from vlrt.model.loading import Model
+from vlrt.model.samplers import prompt_steps
 from vlrt.settings.config import Settings
 from vlrt.settings.params import FrameParams, ParamResolver
 from vlrt.settings.prompt_files import frame_prompts
@@ -146,7 +147,9 @@ class LoopPass(Stage):
     def _jobs(
         self, init: torch.Tensor, params: FrameParams, plan: InpaintPlan | None, control_maps: tuple[np.ndarray, ...]
     ) -> list[Img2ImgJob]:
-        cond, uncond = self.model.encode_pair(params.prompt, params.negative_prompt)
+        cond, uncond = self.model.encode_pair(
+            params.prompt, params.negative_prompt, prompt_steps(self.settings.sampler_name, params.steps)
+        )
         control = control_inputs(
             self.settings.controlnet, [m if plan is None else plan.sd_view(m) for m in control_maps], init.device
         )

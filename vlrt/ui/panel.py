@@ -39,7 +39,7 @@ WEBUI = (
     "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "color_correction",
 )
 # The checkpoint, VAE, LoRA and CLIP skip boxes of the WebUI (the model path itself is a box at the top).
-MODEL = ("model_config", "prediction_type", "vae", "lora", "lora_dir", "clip_skip")
+MODEL = ("model_config", "prediction_type", "vae", "lora", "lora_dir", "embeddings_dir", "clip_skip")
 TOP = ("model",)
 
 GROUPS = ("Video Loopback", "Advanced Settings of Video Loopback", "img2img (WebUI parameters)", "Model",
