@@ -512,11 +512,8 @@ class PreparedRender:
     loras: list[dict]  # the LoRA files fused into the model (path, scale, sha256), for the settings file
     times: list[Fraction] | None  # each frame's time in seconds at a variable rate, else None
     controlnets: list[dict]  # each unit's ControlNet (model, sha256), for the settings file
-<<<<<<< HEAD
-    cuts: tuple[int, ...]  # the scene cuts (given, or detected by a scan of the whole input)
-=======
     embeddings: list[dict]  # the textual-inversion files prompts may name (name, path, sha256), for the settings file
->>>>>>> prompts
+    cuts: tuple[int, ...]  # the scene cuts (given, or detected by a scan of the whole input)
 
 
 def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Callable[[str], None]) -> PreparedRender:
@@ -538,11 +535,7 @@ def prepare_render(settings: Settings, input_spec: str, *, model: Model, log: Ca
     _engines(settings, model, denoiser, pick_device(settings.device), log, controlnets)
     return PreparedRender(
         settings, info.frame_count, settings.output_fps(info.fps), audio_for(settings, info), model.loras,
-<<<<<<< HEAD
-        frame_times_for(settings, info), controlnet_records(controlnets), cuts,
-=======
-        frame_times_for(settings, info), controlnet_records(controlnets), embedding_records(model.embeddings),
->>>>>>> prompts
+        frame_times_for(settings, info), controlnet_records(controlnets), embedding_records(model.embeddings), cuts,
     )
 
 
@@ -563,13 +556,9 @@ def _settle(
     )
     settings = replace(settings, width=width, height=height)
     resolver.check_all_first()
-<<<<<<< HEAD
-    return settings, Preparer(settings, info, width, height, model.device, cuts)
-=======
     first = resolver(0, 0)
     model.encode_pair(first.prompt, first.negative_prompt, prompt_steps(settings.sampler_name, first.steps))
-    return settings, Preparer(settings, info, width, height, model.device)
->>>>>>> prompts
+    return settings, Preparer(settings, info, width, height, model.device, cuts)
 
 
 def _frame_at(settings: Settings, input_spec: str, index: int) -> Frame:

@@ -116,11 +116,7 @@ def render_segments(
         _describe(plan, segments, reach, progress)
         keep_only(Path(output_spec), [(s.start, s.stop) for s in plan] if resume else [])
         write_settings(settings, input_spec, output_spec, None, prepared.loras, controlnets=prepared.controlnets,
-<<<<<<< HEAD
-                       cuts=list(prepared.cuts))
-=======
-                       embeddings=prepared.embeddings)
->>>>>>> prompts
+                       embeddings=prepared.embeddings, cuts=list(prepared.cuts))
         todo = [s for s in plan if not _finished(output_spec, s)] if resume else plan
         if resume:
             progress.log(f"vlrt: resuming: {len(plan) - len(todo)} of {len(plan)} segments are finished")
@@ -128,11 +124,7 @@ def render_segments(
     if not is_folder_output(output_spec):
         join_video(_all_parts(Path(output_spec), plan), Path(output_spec), prepared.fps, prepared.audio, prepared.times)
     write_settings(settings, input_spec, output_spec, prepared.frames, prepared.loras, controlnets=prepared.controlnets,
-<<<<<<< HEAD
-                   cuts=list(prepared.cuts))
-=======
-                   embeddings=prepared.embeddings)
->>>>>>> prompts
+                   embeddings=prepared.embeddings, cuts=list(prepared.cuts))
     seconds = time.perf_counter() - started
     progress.log(f"vlrt: wrote {prepared.frames} frames to {output_spec} in {seconds:.1f} s ({len(plan)} segments)")
     return RenderResult(prepared.frames, output_spec, settings, calls, seconds)
