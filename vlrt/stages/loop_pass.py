@@ -168,6 +168,7 @@ class LoopPass(Stage):
                 latent_mask=None if plan is None else plan.latent_mask,
                 fill=self.inpaint.inpainting_fill,
                 control=control,
+                posterior=not self.model.tiny_vae,
             )
             for seed, subseed in params.sample_seeds()
         ]
