@@ -49,6 +49,17 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
 }
 
 
+# The WebUI's schedule types as scheduler config changes. SGM Uniform spaces the timesteps evenly from
+# the last training timestep down ("trailing" in diffusers' terms), which few-step models (SD-Turbo,
+# SDXL-Turbo/Lightning, Hyper-SD) were distilled for; "leading" would skip their first, noisiest step.
+SCHEDULE_CONFIG: dict[str, dict[str, Any]] = {"Automatic": {}, "SGM Uniform": {"timestep_spacing": "trailing"}}
+
+
+def schedule_config(config: dict[str, Any], schedule_type: str) -> dict[str, Any]:
+    """The model's scheduler config with a WebUI schedule type (`scheduler` setting) applied."""
+    return {**config, **SCHEDULE_CONFIG[schedule_type]}
+
+
 def check_sampler(name: str) -> None:
     """Fail early, naming the choices, for a sampler vlrt does not know."""
     if name not in SAMPLERS:
