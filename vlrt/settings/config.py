@@ -145,6 +145,9 @@ class Settings:
             "ControlNet API's names (repeatable; [[controlnet]] tables in the config)"
     )
     clip_skip: int = _f(1, "CLIP skip as in the WebUI: 1 uses the text encoder's last layer, 2 the penultimate, ...")
+    draft: bool = _f(False, "render a fast draft of these settings: half the size, a quarter of the steps (at least 1), "
+                            "the --draft-vae; loop_n unchanged; it never replaces a full render's output")
+    draft_vae: str = _f("", "the VAE a draft renders with, typically a tiny one (TAESD), in any form --vae takes")
     backend: str = _f(
         "auto", "engine backend: auto (TensorRT with a GPU, else ONNX Runtime), torch, ort, trt", group=RUN,
         choices=("auto", "torch", "ort", "trt"),
