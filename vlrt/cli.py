@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
     bench.add_argument("sections", nargs="*",
                        help="throughput, memory, fastdvdnet, soak, color, segments, demo1080, samplers, controlnet, "
-                            "occupancy (default: the first three)")
+                            "occupancy, draft (default: the first three)")
     bench.add_argument("--profile", default="h100", choices=("h100", "rtx4090"),
                        help="occupancy: the modelled GPU's engine times (default h100)")
     bench.add_argument("--json", action="store_true", help="occupancy: print one JSON object per case instead of a table")
