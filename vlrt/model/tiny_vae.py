@@ -55,8 +55,8 @@ def load_tiny_vae(spec: str, *, latent_channels: int, dtype: torch.dtype) -> Any
     from diffusers import AutoencoderTiny
 
     path = Path(spec).expanduser()
-    if path.is_dir() and _config_file(path) is not None:
-        config = _config_file(path)
+    config = _config_file(path) if path.is_dir() else None
+    if config is not None:
         _check_channels(spec, json.loads(config.read_text(encoding="utf-8")).get("latent_channels", 4), latent_channels)
         try:
             return AutoencoderTiny.from_pretrained(config.parent, local_files_only=True, torch_dtype=dtype)
@@ -67,9 +67,9 @@ def load_tiny_vae(spec: str, *, latent_channels: int, dtype: torch.dtype) -> Any
     for file, state, want in ((encoder_file, encoder, "encoder"), (decoder_file, decoder, "decoder")):
         if not _is_sequential(state) or _half_of(state) != want:
             raise VlrtError(f"{file} is not TAESD's {want} file (its keys are not the original layout's): {PAIR_HINT}")
-    config = _config_from_shapes(encoder, decoder)
-    _check_channels(spec, config["latent_channels"], latent_channels)
-    vae = AutoencoderTiny(**config)
+    shapes = _config_from_shapes(encoder, decoder)
+    _check_channels(spec, shapes["latent_channels"], latent_channels)
+    vae = AutoencoderTiny(**shapes)
     weights = {f"encoder.layers.{k}": v for k, v in encoder.items()}
     for key, value in decoder.items():
         index, rest = _LAYER.match(key).groups()
