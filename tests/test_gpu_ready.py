@@ -265,6 +265,27 @@ def test_only_the_unet_plan_is_refitted_and_a_failed_refit_builds(
     assert timing.endswith(f".timing-trt{version}-sm9.0.cache")  # one timing cache per TensorRT and GPU
 
 
+def test_a_tiny_vae_gets_trt_plans_of_its_own_built_and_checked(demo_model, tmp_path, monkeypatch):
+    """--vae with TAESD on TensorRT: its two halves are exported and built as the full VAE's are (no refit:
+    VAE plans are not refittable), checked against torch, and cached beside the full VAE's entries."""
+    from dataclasses import replace
+
+    from fake_trt import install
+    from test_tiny_vae import random_tiny_vae
+
+    install(monkeypatch)
+    plans = _PlanRecorder(monkeypatch)
+    _engines_of(demo_model, tmp_path)
+    plans.events.clear()
+    plans.checked.clear()
+    _engines_of(replace(demo_model, vae=random_tiny_vae()), tmp_path)
+    assert plans.events == [("build", "vae_encoder"), ("build", "vae_decoder")]
+    assert plans.checked == ["vae_encoder", "vae_decoder"]
+    for component in ("vae_encoder", "vae_decoder"):
+        entries = [p for p in (tmp_path / "engines").iterdir() if p.is_dir() and f"-{component}-" in p.name]
+        assert len(entries) == 2 and all((p / "model.plan").read_bytes() == b"built" for p in entries)
+
+
 def test_a_unet_exported_afresh_is_built_not_refitted(demo_model, tmp_path, monkeypatch):
     import copy
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from vlrt.cli import main
@@ -41,3 +42,15 @@ def test_bench_occupancy_prints_one_json_object_per_case(monkeypatch, capsys):
     assert result["device_bound_frames_per_s"] >= result["frames_per_s"]
     # 4 frames × 2 passes × 2 steps × 2 CFG rows, batched into calls of at most 8 rows
     assert result["engine_calls"]["vae_encoder"] >= 1 and result["engine_calls"]["unet"] >= 32 / 8
+
+
+def test_a_modelled_tiny_vae_costs_taesds_share_and_gives_latents():
+    """The tiny VAE's engines: TAESD's FLOP share of the full VAE's per-row time (ANCHORS.md), latents out."""
+    full, _ = occupancy.modelled_engines("h100", max_batch=4)
+    tiny, device = occupancy.modelled_engines("h100", max_batch=4, tiny_vae=True)
+    for name, flops in (("vae_encoder", 0.12 / 1.12), ("vae_decoder", 0.14 / 2.51)):
+        assert tiny[name].cost_ms == (full[name].cost_ms[0], pytest.approx(full[name].cost_ms[1] * flops))
+    assert tiny.unet.cost_ms == full.unet.cost_ms
+    out = tiny.vae_encoder(image=torch.zeros(2, 3, 64, 64))["moments"]
+    assert out.shape == (2, 4, 8, 8)  # latents, not a posterior's moments
+    assert device.busy == pytest.approx((0.5 + 4.0 * 0.12 / 1.12 * 2) / 1000)

@@ -96,6 +96,24 @@ def test_a_second_models_vae_gets_its_own_plans(cuda, tmp_path):
         assert _against_torch(engines[component], nets[component], cuda) <= 2e-2, component
 
 
+def test_tiny_vae_plans_match_torch(cuda, tmp_path):
+    """A tiny VAE (TAESD's architecture, random weights) builds and runs as the full VAE's plans do."""
+    from dataclasses import replace
+
+    from test_tiny_vae import random_tiny_vae
+
+    from vlrt.model.loading import load_model
+    from vlrt.render.engine_picker import sd_networks
+
+    model = load_model("demo", cuda)
+    model = replace(model, vae=random_tiny_vae().to(cuda))
+    networks = [n for n in sd_networks(model, 32, 32) if n.component != UNET]
+    nets = {n.component: copy.deepcopy(n) for n in networks}
+    engines = _engines(networks, tmp_path, cuda)
+    for component in (VAE_ENCODER, VAE_DECODER):
+        assert _against_torch(engines[component], nets[component], cuda) <= 2e-2, component
+
+
 def _render(clip_folder, out, backend, extra=()):
     from vlrt.cli import main
 

@@ -77,6 +77,8 @@ def _render(args: argparse.Namespace) -> int:
 
     check_outputs(settings, args.input, args.output, preview=args.preview, no_overwrite=args.no_overwrite, resume=args.resume)
     if args.segments is not None:
+        if settings.draft:
+            raise VlrtError("--draft renders in one process: drop --segments (a draft is the quick look before the long render)")
         from vlrt.render.pipeline import preview_from_output
         from vlrt.scale.distributed import render_segments
 
@@ -126,6 +128,7 @@ def _preview(args: argparse.Namespace) -> int:
     for values in itertools.product(*[v for _, v in sweeps]) if sweeps else [()]:
         changes = dict(zip([n for n, _ in sweeps], values))
         label = " ".join(f"{k}={v}" for k, v in changes.items()) or "settings"
+        label += " (DRAFT)" if settings.draft else ""
         swept = settings
         for name, value in changes.items():
             swept = apply_sweep(swept, name, value)
@@ -145,7 +148,8 @@ def _preview(args: argparse.Namespace) -> int:
     sheet.save(tmp)
     tmp.replace(out)
     if not args.quiet:
-        print(f"vlrt: wrote {out} ({len(combos)} settings × {len(frames)} frames)", file=sys.stderr)
+        draft = ", a DRAFT: half size, a quarter of the steps" if settings.draft else ""
+        print(f"vlrt: wrote {out} ({len(combos)} settings × {len(frames)} frames{draft})", file=sys.stderr)
     return 0
 
 
@@ -245,7 +249,9 @@ def _log(args: argparse.Namespace):
 NO_OVERWRITE_HELP = "refuse (before any work) when an output file exists already, instead of replacing it"
 EXPORT_COMPONENTS = ("unet", "vae_encoder", "vae_decoder", "fastdvdnet")
 # Settings applied when the model is loaded (see pipeline.open_model), which a preview does once.
-MODEL_SETTINGS = ("model", "model_config", "prediction_type", "vae", "lora", "lora_dir", "embeddings_dir", "clip_skip")
+MODEL_SETTINGS = (
+    "model", "model_config", "prediction_type", "vae", "lora", "lora_dir", "embeddings_dir", "clip_skip", "draft", "draft_vae",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="speed and memory, measured side by side in one run (markdown tables)")
     bench.add_argument("sections", nargs="*",
                        help="throughput, memory, fastdvdnet, soak, color, segments, demo1080, samplers, controlnet, "
-                            "occupancy (default: the first three)")
+                            "occupancy, draft (default: the first three)")
     bench.add_argument("--profile", default="h100", choices=("h100", "rtx4090"),
                        help="occupancy: the modelled GPU's engine times (default h100)")
     bench.add_argument("--json", action="store_true", help="occupancy: print one JSON object per case instead of a table")

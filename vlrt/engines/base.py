@@ -9,6 +9,7 @@ Components and their tensors (B is the dynamic batch, at most `max_batch`):
 |---------------|----------------------------------------------------------------------|--------------------------|
 | unet          | sample [B,C,h,w] f32, timestep [B] f32, encoder_hidden_states [B,S,D] | noise_pred [B,C,h,w]     |
 | vae_encoder   | image [B,3,H,W] in [-1, 1]                                            | moments [B,2C,h,w]       |
+| (tiny VAE)    | image [B,3,H,W] in [-1, 1]                                            | moments: latents [B,C,h,w] |
 | vae_decoder   | latent [B,C,h,w] (already divided by the scaling factor)              | image [B,3,H,W] in [-1,1]|
 | fastdvdnet_block1 / fastdvdnet_block2 | frames [B,9,H,W] in [0,1], noise_map [B,1,H,W] | frame [B,3,H,W]     |
 | controlnet    | unet's inputs, controlnet_cond [B,3,H,W] in [0,1], conditioning_scale [B,L] f32 | L residuals |

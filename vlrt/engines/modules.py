@@ -81,6 +81,18 @@ class VaeEncoderModule(nn.Module):
         return moments
 
 
+class TinyVaeEncoderModule(nn.Module):
+    """Image in [-1, 1] to a tiny autoencoder's latents (TAESD: nothing to sample, as diffusers' pipelines
+    take `AutoencoderTiny`'s `latents`); the vae_encoder engine's `moments` output carries them."""
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(image, return_dict=False)[0]
+
+
 class VaeDecoderModule(nn.Module):
     """Unscaled latent to an image in [-1, 1]."""
 

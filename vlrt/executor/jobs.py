@@ -78,10 +78,13 @@ class Img2ImgJob:
         fill: str = ORIGINAL,
         control: tuple[ControlInput, ...] = (),
         rounding: str = ROUND,
+        posterior: bool = True,
     ) -> None:
         """`cond` and `uncond` are the prompt's and negative prompt's embeddings per sampling step, of one
         shape (`Model.encode_pair`). `control` holds the job's ControlNet units (vlrt.executor.control), in unit order;
         `rounding` how the decoded image becomes 8 bits (`tensor_to_image`).
+        `posterior` False for a tiny VAE (TAESD), whose encoder gives the latents themselves: as in
+        diffusers' pipelines nothing is sampled, so the generator's first draw is the initial noise.
         `latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
         latents start from (see `vlrt.image.inpaint`)."""
@@ -93,6 +96,7 @@ class Img2ImgJob:
         self.subseed = subseed
         self.subseed_strength = subseed_strength
         self.scaling_factor, self.shift_factor = scaling_factor, shift_factor
+        self.posterior = posterior
         self.device = image.device
         # The executor steps jobs with a trajectory together (vlrt.model.sampler_steps); a sampler
         # without a batched rule keeps diffusers' scheduler, stepped per job.
@@ -129,9 +133,12 @@ class Img2ImgJob:
         return image_to_tensor(self.image)
 
     def take_moments(self, moments: torch.Tensor) -> None:
-        """Sample the posterior, then noise it to the first timestep (same generator order as diffusers)."""
-        posterior = DiagonalGaussianDistribution(moments.unsqueeze(0).float())
-        init = (posterior.sample(self.generator) - self.shift_factor) * self.scaling_factor
+        """Sample the posterior (a tiny VAE's latents are taken as they are), then noise it to the first
+        timestep (same generator order as diffusers)."""
+        latents = moments.unsqueeze(0).float()
+        if self.posterior:
+            latents = DiagonalGaussianDistribution(latents).sample(self.generator)
+        init = (latents - self.shift_factor) * self.scaling_factor
         noise = variation_noise(tuple(init.shape), self.generator, self.subseed, self.subseed_strength).to(self.device)
         if self.edit is not None:
             self.init_latents, self.noise = init, noise

@@ -69,6 +69,11 @@ class Model:
         return float(self.vae.config.scaling_factor)
 
     @property
+    def tiny_vae(self) -> bool:
+        """A tiny autoencoder (TAESD): its encoder gives the latents themselves, no posterior to sample."""
+        return type(self.vae).__name__ == "AutoencoderTiny"
+
+    @property
     def shift_factor(self) -> float:
         return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 

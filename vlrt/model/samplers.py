@@ -57,6 +57,15 @@ SECOND_ORDER = frozenset({"Heun"})
 def prompt_steps(name: str, steps: int) -> int:
     """The length of a prompt schedule's timeline (`prompt_schedule`) for `steps` steps of sampler `name`."""
     return steps * 2 if name in SECOND_ORDER else steps
+# The WebUI's schedule types as scheduler config changes. SGM Uniform spaces the timesteps evenly from
+# the last training timestep down ("trailing" in diffusers' terms), which few-step models (SD-Turbo,
+# SDXL-Turbo/Lightning, Hyper-SD) were distilled for; "leading" would skip their first, noisiest step.
+SCHEDULE_CONFIG: dict[str, dict[str, Any]] = {"Automatic": {}, "SGM Uniform": {"timestep_spacing": "trailing"}}
+
+
+def schedule_config(config: dict[str, Any], schedule_type: str) -> dict[str, Any]:
+    """The model's scheduler config with a WebUI schedule type (`scheduler` setting) applied."""
+    return {**config, **SCHEDULE_CONFIG[schedule_type]}
 
 
 def check_sampler(name: str) -> None:

@@ -2,7 +2,8 @@
 
 Accepted: a diffusers VAE folder (`config.json` + weights), a diffusers model folder (its `vae/`),
 or a single `.safetensors`/`.ckpt` file in the original layout (with or without the
-`first_stage_model.` prefix, as VAEs are shared for SD) or in diffusers' layout. A single file
+`first_stage_model.` prefix, as VAEs are shared for SD) or in diffusers' layout; or a tiny
+autoencoder (TAESD, `tiny_vae.py`). A single file
 has no config: it is read with the model's own VAE config, since SD 1.x and 2.x VAEs share
 one architecture. Its latent channels must be the UNet's, or the run would fail deep inside.
 """
@@ -17,6 +18,7 @@ import torch
 
 from vlrt.errors import VlrtError
 from vlrt.model.checkpoints import SUFFIXES, read_shapes, read_torch_checkpoint
+from vlrt.model.tiny_vae import is_tiny_vae_spec, load_tiny_vae
 
 DECODER_IN = "decoder.conv_in.weight"  # [channels, latent channels, 3, 3] in both layouts
 
@@ -25,6 +27,8 @@ def load_vae(spec: str, *, model_vae_config: Path, latent_channels: int, dtype: 
     """The AutoencoderKL named by `spec`; `model_vae_config` is the model's `vae/` config folder's parent."""
     from diffusers import AutoencoderKL
 
+    if is_tiny_vae_spec(spec):
+        return load_tiny_vae(spec, latent_channels=latent_channels, dtype=dtype)
     path = Path(spec).expanduser()
     if not path.exists():
         raise VlrtError(f"VAE {spec} does not exist: pass a diffusers VAE folder or a .safetensors/.ckpt VAE file")

@@ -41,7 +41,14 @@ from vlrt.engines.base import (
     control_names,
     residual_names,
 )
-from vlrt.engines.modules import ControlNetModule, UNetControlModule, UNetModule, VaeDecoderModule, VaeEncoderModule
+from vlrt.engines.modules import (
+    ControlNetModule,
+    TinyVaeEncoderModule,
+    UNetControlModule,
+    UNetModule,
+    VaeDecoderModule,
+    VaeEncoderModule,
+)
 from vlrt.engines.token_lengths import TokenLengthEngine
 from vlrt.engines.torch_engine import TorchEngine
 from vlrt.errors import VlrtError
@@ -77,10 +84,11 @@ class Network:
 
 
 def sd_networks(model: Model, height: int, width: int) -> list[Network]:
-    """The UNet and the VAE's two halves at this resolution."""
+    """The UNet and the VAE's two halves at this resolution (a tiny VAE's encoder gives its latents)."""
     h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
     c = model.latent_channels
     tokens = CHUNK_LENGTH
+    encoder = TinyVaeEncoderModule if model.tiny_vae else VaeEncoderModule
     return [
         Network(
             UNET,
@@ -91,7 +99,7 @@ def sd_networks(model: Model, height: int, width: int) -> list[Network]:
                 "encoder_hidden_states": torch.randn(1, tokens, model.cross_attention_dim),
             },
         ),
-        Network(VAE_ENCODER, VaeEncoderModule(model.vae), {"image": torch.rand(1, 3, height, width) * 2 - 1}),
+        Network(VAE_ENCODER, encoder(model.vae), {"image": torch.rand(1, 3, height, width) * 2 - 1}),
         Network(VAE_DECODER, VaeDecoderModule(model.vae), {"latent": torch.randn(1, c, h, w)}),
     ]
 

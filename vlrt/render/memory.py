@@ -39,7 +39,8 @@ class Attention:
 def attention_layers(model: Model) -> list[Attention]:
     """The self-attention layers of the model's VAE and UNet, from their configs."""
     scale = model.vae_scale_factor
-    layers = [Attention(scale, 1)] if model.vae.config.get("mid_block_add_attention", True) else []
+    full_vae = not model.tiny_vae and model.vae.config.get("mid_block_add_attention", True)  # TAESD has no attention
+    layers = [Attention(scale, 1)] if full_vae else []
     unet = model.unet.config
     levels = len(unet.block_out_channels)
     # diffusers' UNet2DConditionModel reads attention_head_dim as the number of heads when num_attention_heads is unset.

@@ -54,6 +54,7 @@ from vlrt.render.run_state import (
     write_settings,
 )
 from vlrt.settings.config import Settings
+from vlrt.settings.draft import describe, draft_size, model_vae
 from vlrt.settings.params import ParamResolver
 from vlrt.stages.base import Stage
 from vlrt.stages.denoise import Denoise
@@ -78,10 +79,10 @@ def pick_device(name: str) -> torch.device:
 
 
 def open_model(settings: Settings, device: torch.device) -> Model:
-    """The run's model with its settings' VAE, LoRAs (`--lora` and the prompt's tags), CLIP skip, embeddings
-    and single-file options."""
+    """The run's model with its settings' VAE (a draft's own), LoRAs (`--lora` and the prompt's tags), CLIP skip,
+    embeddings and single-file options."""
     options = ModelOptions(
-        vae=settings.vae, loras=tuple(settings.lora), lora_tags=split_lora_tags(settings.prompt)[1],
+        vae=model_vae(settings), loras=tuple(settings.lora), lora_tags=split_lora_tags(settings.prompt)[1],
         lora_dir=settings.lora_dir, clip_skip=settings.clip_skip, embeddings_dir=settings.embeddings_dir,
         model_config=settings.model_config, prediction_type=settings.prediction_type,
     )
@@ -254,6 +255,7 @@ def render(
         check_same_embeddings(output_spec, embeddings)
     denoiser = _denoiser_with_notes(settings, model, progress.log)
     with _open_source(settings, input_spec, stdin) as source:
+        given = settings
         settings, prepare = _settle(settings, source.info, model, resolver, progress.log)
         executor = _executor(settings, model, denoiser, device, progress.log, controlnets, engines)
         stages, tap_after = _render_stages(settings, model, resolver, executor, max(0, start - pipeline_reach(settings)))
@@ -262,11 +264,15 @@ def render(
             progress.log("vlrt: save_every_loop ignored: the output is a pipe")
         elif settings.save_every_loop:
             taps = {stage: loop_output(output_spec, loop + 1) for loop, stage in enumerate(tap_after[:-1])}
-        write_settings(settings, input_spec, output_spec, None, model.loras, controlnets=records, embeddings=embeddings)
+        # A draft records the size as given: read back, the draft rules halve it again (vlrt.settings.draft).
+        recorded = replace(settings, width=given.width, height=given.height) if settings.draft else settings
+        draft = describe(settings, (settings.width, settings.height)) if settings.draft else None
+        write_settings(recorded, input_spec, output_spec, None, model.loras, controlnets=records, embeddings=embeddings,
+                       draft=draft)
         with executor:
             written = _stream(source, settings, stages, executor, output_spec, taps, progress, stdout, preview, prepare, start)
-    write_settings(settings, input_spec, output_spec, written, model.loras, controlnets=records, cuts=prepare.shots.cuts,
-                   embeddings=embeddings)
+    write_settings(recorded, input_spec, output_spec, written, model.loras, controlnets=records, cuts=prepare.shots.cuts,
+                   embeddings=embeddings, draft=draft)
     progress.log(f"vlrt: wrote {written} frames to {output_spec} in {progress.elapsed:.1f} s")
     return RenderResult(written, output_spec, settings, executor.engines.calls, progress.elapsed)
 
@@ -543,10 +549,13 @@ def _settle(
     settings: Settings, info: SourceInfo, model: Model, resolver: ParamResolver, log: Callable[[str], None],
     cuts: Sequence[int] | None = None,
 ) -> tuple[Settings, Preparer]:
-    """The render size made concrete (and checked against memory), the schedules and prompts tried at
-    the first frame and the prepare step built, so that a bad size, schedule, prompt (syntax,
-    embedding), mask or reference folder fails before any work."""
+    """The render size made concrete (half of it for a draft, said in the log; checked against memory),
+    the schedules and prompts tried at the first frame and the prepare step built, so that a bad size,
+    schedule, prompt (syntax, embedding), mask or reference folder fails before any work."""
     width, height = frame_size(settings, info.width, info.height, model.vae_scale_factor)
+    if settings.draft:
+        full, (width, height) = (width, height), draft_size(width, height, model.vae_scale_factor)
+        log(f"vlrt: {describe(settings, (width, height), full)}")
     device = pick_device(settings.device)
     backend = resolve_backend(settings.backend, device)
     width, height = fit_render_size(

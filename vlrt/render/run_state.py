@@ -61,6 +61,8 @@ def check_outputs(
     sources = [("input", input_spec), ("mask", settings.mask_directory)]
     sources += [("reference folder", part.strip()) for part in settings.reference_frames_directory.split(REFERENCE_SEPARATOR)]
     refuse_overwriting_sources(outputs, sources)
+    if settings.draft:
+        _refuse_replacing_a_full_render(output_spec)
     if no_overwrite:
         # --resume continues the frames and settings file an interrupted run left: only finished files count then.
         taken = [(spec, f) for spec, f in outputs if not (resume and f)]
@@ -68,6 +70,30 @@ def check_outputs(
         if settings_file is not None and not folder and not resume:
             taken.append((str(settings_file), False))
         refuse_existing(taken)
+
+
+def _refuse_replacing_a_full_render(output: str) -> None:
+    """A draft may replace an earlier draft, never a full render (or anything else that is no draft)."""
+    if output == "-":
+        return
+    path = Path(output)
+    exists = any(path.iterdir()) if path.is_dir() else path.exists()
+    saved = settings_path(output)
+    if saved is not None and saved.is_file():
+        exists = True
+        import tomllib
+
+        try:
+            if tomllib.loads(saved.read_text(encoding="utf-8")).get("render", {}).get("draft") is True:
+                return
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+            pass
+    if exists:
+        beside = f"{path.with_name(path.name + '-draft')}/" if is_folder_output(output) else path.with_name(f"{path.stem}.draft{path.suffix}")
+        raise VlrtError(
+            f"--draft: {output} holds a full render (or something that is no draft) and a draft never replaces it: "
+            f"write the draft beside it, e.g. -o {beside}"
+        )
 
 
 def write_settings(
@@ -80,11 +106,13 @@ def write_settings(
     controlnets: list[dict[str, Any]] | None = None,
     cuts: list[int] | None = None,
     embeddings: list[dict[str, Any]] | None = None,
+    draft: str | None = None,
 ) -> None:
     """Record the run (atomically); `frames` None means the render is still under way. `loras`
     (path, scale, sha256 of each file), `controlnets` (model, sha256 of each unit's) and `embeddings`
     (name, path, sha256 of each textual-inversion file prompts may name) say which files exactly the
-    frames were made with; `cuts` the scene cuts the render used (the first frame of each new shot)."""
+    frames were made with; `cuts` the scene cuts the render used (the first frame of each new shot);
+    `draft` what a draft changed (vlrt.settings.draft)."""
     path = settings_path(output_spec)
     if path is None:
         return
@@ -100,6 +128,8 @@ def write_settings(
         extra["controlnet"] = controlnets
     if embeddings:
         extra["embedding"] = embeddings
+    if draft:
+        extra["draft"] = draft
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(dump_settings(settings, extra), encoding="utf-8")
     tmp.replace(path)

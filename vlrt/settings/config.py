@@ -33,6 +33,7 @@ POST_PROCESS_METHODS = ("none", "fastdvdnet")
 BLEND_ROUNDINGS = ("round", "floor")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 DEINTERLACE_MODES = ("auto", "off")
+SCHEDULE_TYPES = ("Automatic", "SGM Uniform")  # the WebUI's "Schedule type" (its API's `scheduler`)
 
 
 def _f(default: Any, help: str, group: str = FRAMES, choices: tuple | None = None, alias: str | None = None) -> Any:
@@ -85,6 +86,10 @@ class Settings:
     prompt: str = _f("", "prompt")
     negative_prompt: str = _f("", "negative prompt")
     sampler_name: str = _f("Euler a", "sampler, by its WebUI name (see 'vlrt render --help')")
+    scheduler: str = _f(
+        "Automatic", "schedule type, by its WebUI name: 'Automatic' (the sampler's own) or 'SGM Uniform' (trailing "
+        "timesteps, as Turbo, Lightning and Hyper-SD models need)", choices=SCHEDULE_TYPES,
+    )
     steps: int = _f(20, "sampling steps (img2img runs int(steps * denoising_strength) of them)")
     cfg_scale: float = _f(7.0, "classifier-free guidance scale")
     denoising_strength: float = _f(0.4, "img2img denoising strength")
@@ -130,7 +135,8 @@ class Settings:
                                "(default: SD 1.x/2.x, told apart by the checkpoint's keys)")
     prediction_type: str = _f("auto", "what the UNet predicts: auto (the model's config; single-file SD 2.x: v_prediction), "
                                       "epsilon or v_prediction", choices=PREDICTION_TYPES)
-    vae: str = _f("", "a VAE in place of the model's: a diffusers folder or a .safetensors/.ckpt file")
+    vae: str = _f("", "a VAE in place of the model's: a diffusers folder or a .safetensors/.ckpt file, or a tiny one "
+                      "(TAESD: a diffusers AutoencoderTiny folder, or its ENCODER,DECODER .pth/.safetensors files)")
     lora: list[str] = _f([], "PATH[:SCALE] of a LoRA fused into the model (repeatable; a list in the config; scale 1 by default)")
     lora_dir: str = _f("", "folder where the prompt's <lora:NAME:SCALE> tags find NAME.safetensors (subfolders too, "
                            "as the WebUI's models/Lora)")
@@ -144,6 +150,9 @@ class Settings:
                                  "body_pose_model.pth, ...) for the units' annotator modules (openpose, depth, lineart, "
                                  "softedge, ...); read offline", alias="annotators")
     clip_skip: int = _f(1, "CLIP skip as in the WebUI: 1 uses the text encoder's last layer, 2 the penultimate, ...")
+    draft: bool = _f(False, "render a fast draft of these settings: half the size, a quarter of the steps (at least 1), "
+                            "the --draft-vae; loop_n unchanged; it never replaces a full render's output")
+    draft_vae: str = _f("", "the VAE a draft renders with, typically a tiny one (TAESD), in any form --vae takes")
     backend: str = _f(
         "auto", "engine backend: auto (TensorRT with a GPU, else ONNX Runtime), torch, ort, trt", group=RUN,
         choices=("auto", "torch", "ort", "trt"),

@@ -22,6 +22,7 @@ from PIL import Image
 
 from vlrt.errors import VlrtError
 from vlrt.settings.config import Settings
+from vlrt.settings.draft import draft_steps
 from vlrt.settings.schedule import Expression, compile_expression, compile_post_processing
 
 SCHEDULES = (
@@ -153,7 +154,7 @@ class ParamResolver:
         return FrameParams(
             subseed_strength=value("subseed_strength_schedule", s.subseed_strength, real(0.0, 1.0)),  # type: ignore[arg-type]
             denoising_strength=value("denoising_schedule", s.denoising_strength, real(0.0, 1.0)),  # type: ignore[arg-type]
-            steps=value("step_schedule", s.steps, integer(1)),  # type: ignore[arg-type]
+            steps=self._steps(value("step_schedule", s.steps, integer(1))),  # type: ignore[arg-type]
             seed=value("seed_schedule", seed, integer()),  # type: ignore[arg-type]
             subseed=value("subseed_schedule", subseed, integer()),  # type: ignore[arg-type]
             cfg_scale=value("cfg_schedule", s.cfg_scale, real()),  # type: ignore[arg-type]
@@ -165,6 +166,10 @@ class ParamResolver:
             batch_size=batch_size,
             post_process=value("image_post_processing_schedule", None, callable_),  # type: ignore[arg-type]
         )
+
+    def _steps(self, steps: int) -> int:
+        """A frame's sampling steps: a draft runs a quarter of them (vlrt.settings.draft)."""
+        return draft_steps(steps) if self.settings.draft else steps
 
     def check_all_first(self) -> None:
         """Evaluate every schedule at the first frame of the first pass, so type errors surface before work starts."""

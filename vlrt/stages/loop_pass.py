@@ -37,7 +37,7 @@ from vlrt.image.inpaint import InpaintOptions, InpaintPlan, plan_inpaint
 from vlrt.image.masks import composite
 from vlrt.image.temporal_diff import DIFFERENCE_METHOD, diff_mask_blend
 from vlrt.model.loading import Model
-from vlrt.model.samplers import prompt_steps
+from vlrt.model.samplers import prompt_steps, schedule_config
 from vlrt.settings.config import Settings
 from vlrt.settings.params import FrameParams, ParamResolver
 from vlrt.settings.prompt_files import frame_prompts
@@ -160,7 +160,7 @@ class LoopPass(Stage):
                 uncond,
                 guidance=params.cfg_scale,
                 sampler_name=self.settings.sampler_name,
-                scheduler_config=self.model.scheduler_config,
+                scheduler_config=schedule_config(self.model.scheduler_config, self.settings.scheduler),
                 steps=params.steps,
                 strength=params.denoising_strength,
                 seed=seed,
@@ -172,6 +172,7 @@ class LoopPass(Stage):
                 fill=self.inpaint.inpainting_fill,
                 control=control,
                 rounding=self.rounding,
+                posterior=not self.model.tiny_vae,
             )
             for seed, subseed in params.sample_seeds()
         ]

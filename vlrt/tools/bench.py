@@ -99,24 +99,107 @@ def bench_throughput(
     time, so what every render pays once (loading engines, filling and draining the pipeline) does
     not count, as it does not on a long video.
     """
-    from vlrt.model.loading import load_model
-
     base = build_settings(
         overrides=dict(model="demo", loop_n=2, steps=8, denoising_strength=0.5, seed=1, cfg_scale=5.0,
                        temporal_superimpose_alpha_list="0.2,0.6,0.2")
     )
-    model = load_model("demo", torch.device("cpu"))
+    model = _models()
     short, long = frames
     with tempfile.TemporaryDirectory() as tmp:
         clips = {n: _write_clip(Path(tmp) / f"clip{n}.mkv", n, size) for n in frames}
         for overrides in configs.values():  # warm-up: engine exports, caches, allocator
-            time_render(replace(base, **overrides), clips[short], model, 1)
+            settings = replace(base, **overrides)
+            time_render(settings, clips[short], model(settings), 1)
         times = {(name, n): float("inf") for name in configs for n in frames}
         for _ in range(repeats):  # alternate configurations so drifts in machine load hit all alike
             for name, overrides in configs.items():
+                settings = replace(base, **overrides)
                 for n in frames:
-                    times[name, n] = min(times[name, n], time_render(replace(base, **overrides), clips[n], model, 1))
+                    times[name, n] = min(times[name, n], time_render(settings, clips[n], model(settings), 1))
     return {name: (long - short) / (times[name, long] - times[name, short]) for name in configs}
+
+
+def _models() -> Callable[[Settings], object]:
+    """The demo model with each configuration's VAE (a draft's own), each loaded once."""
+    from vlrt.render.pipeline import open_model
+    from vlrt.settings.draft import model_vae
+
+    loaded: dict[str, object] = {}
+
+    def model(settings: Settings) -> object:
+        vae = model_vae(settings)
+        if vae not in loaded:
+            loaded[vae] = open_model(settings, torch.device("cpu"))
+        return loaded[vae]
+
+    return model
+
+
+def demo_tiny_vae(folder: Path) -> Path:
+    """A random tiny autoencoder (TAESD's architecture) for the demo model, saved as a diffusers folder: 8 channels
+    and one block a stage against the demo VAE's 16/32 channels, about as TAESD's 64 channels stand to SD's 128–512."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(folder)
+    return folder
+
+
+# The fast modes against the extension's usual settings, on ort with batching (`bench_throughput`'s clip).
+def fast_mode_configs(tiny_vae: Path) -> dict[str, dict]:
+    usual = dict(backend="ort", max_batch=16, sampler_name="Euler a", steps=20, cfg_scale=7.0)
+    lcm = dict(backend="ort", max_batch=16, sampler_name="LCM", steps=8, cfg_scale=1.0)  # 8 × 0.5: 4 steps run
+    return {
+        "full VAE, Euler a 20 × 0.5, CFG 7": usual,
+        "tiny VAE, Euler a 20 × 0.5, CFG 7": dict(usual, vae=str(tiny_vae)),
+        "full VAE, LCM 4 steps, CFG 1": lcm,
+        "tiny VAE, LCM 4 steps, CFG 1": dict(lcm, vae=str(tiny_vae)),
+    }
+
+
+def bench_vae_architectures(size: int = 128, repeats: int = 2) -> dict[str, float]:
+    """Seconds per frame of one encode + decode with SD's VAE architecture and TAESD's (random weights, torch, CPU):
+    the demo's own VAE is too small to show what a tiny VAE saves at SD's scale."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from vlrt.engines.modules import TinyVaeEncoderModule, VaeDecoderModule, VaeEncoderModule
+
+    torch.manual_seed(0)
+    sd = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                       up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4).eval()
+    taesd = AutoencoderTiny().eval()  # diffusers' defaults are TAESD's architecture
+    image = torch.rand(1, 3, size, size) * 2 - 1
+    best = {"SD VAE": float("inf"), "TAESD": float("inf")}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name, encoder, decoder in (("SD VAE", VaeEncoderModule(sd), VaeDecoderModule(sd)),
+                                           ("TAESD", TinyVaeEncoderModule(taesd), VaeDecoderModule(taesd))):
+                started = time.perf_counter()
+                decoder(encoder(image)[:, :4])
+                best[name] = min(best[name], time.perf_counter() - started)
+    return best
+
+
+def bench_draft(frames: int = 48, size: tuple[int, int] = (128, 128), repeats: int = 1) -> dict[str, float]:
+    """Wall time of a render of `frames` frames and of its `--draft` (with a tiny `--draft-vae`), alternated, best of
+    `repeats`, everything a render pays once included (a draft is a whole run)."""
+    overrides = dict(model="demo", backend="torch", max_batch=8, loop_n=2, steps=20, denoising_strength=0.4, cfg_scale=7.0,
+                     seed=1, temporal_superimpose_alpha_list="0.2,0.6,0.2")
+    model = _models()
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = _write_clip(Path(tmp) / "clip.mkv", frames, size)
+        vae = demo_tiny_vae(Path(tmp) / "taesd")
+        configs = {"full render": build_settings(overrides=overrides),
+                   "--draft --draft-vae": build_settings(overrides=dict(overrides, draft=True, draft_vae=str(vae)))}
+        short = _write_clip(Path(tmp) / "short.mkv", 4, size)
+        for settings in configs.values():  # warm-up: engine exports
+            time_render(settings, short, model(settings), 1)
+        best = {name: float("inf") for name in configs}
+        for _ in range(repeats):
+            for name, settings in configs.items():
+                best[name] = min(best[name], time_render(settings, clip, model(settings), 1))
+    return best
 
 
 @contextmanager
@@ -336,7 +419,7 @@ def bench_demo_1080p(frames: int = 3) -> dict:
 
 
 SECTIONS = ("throughput", "memory", "fastdvdnet", "soak", "color", "segments", "demo1080", "samplers", "controlnet",
-            "occupancy")
+            "occupancy", "draft")
 
 
 def run(sections: list[str], out: Callable[[str], None] = print, profile: str = "h100", as_json: bool = False) -> None:
@@ -364,6 +447,22 @@ def run(sections: list[str], out: Callable[[str], None] = print, profile: str = 
         base = fps["torch, batching off"]
         out("## Throughput (demo model, 64×64, loop_n 2, 8 steps × 0.5, CFG, 3-tap temporal; frames/s of 36 − 12 frames)\n")
         out(table([(k, f"{v:.2f}", f"{v / base:.2f}×") for k, v in fps.items()], ("configuration", "frames/s", "vs torch off")))
+        out("")
+        with tempfile.TemporaryDirectory() as tmp:
+            fast = bench_throughput(fast_mode_configs(demo_tiny_vae(Path(tmp) / "taesd")))
+        usual = next(iter(fast.values()))
+        out("## Fast modes (demo model, ort, max_batch 16, 64×64, loop_n 2, × 0.5, 3-tap temporal; frames/s of 36 − 12 "
+            "frames; the tiny VAE: random, TAESD's architecture at the demo's scale)\n")
+        out(table([(k, f"{v:.2f}", f"{v / usual:.2f}×") for k, v in fast.items()], ("configuration", "frames/s", "vs first row")))
+        vae = bench_vae_architectures()
+        out("\n## One VAE encode + decode, 128×128, torch CPU, random weights (s/frame)\n")
+        out(table([(k, f"{v:.3f}", f"{vae['SD VAE'] / v:.1f}×") for k, v in vae.items()], ("architecture", "s/frame", "speed vs SD VAE")))
+        out("")
+    if "draft" in sections:
+        d = bench_draft()
+        full = d["full render"]
+        out("## --draft (demo model, torch, max_batch 8, 48 frames 128×128, loop_n 2, 20 steps × 0.4, CFG 7, 3-tap temporal; whole runs)\n")
+        out(table([(k, f"{v:.1f}", f"{full / v:.1f}×") for k, v in d.items()], ("render", "wall (s)", "speed vs full")))
         out("")
     if "controlnet" in sections:
         r = bench_controlnet()

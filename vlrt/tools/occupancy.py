@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, AutoencoderTiny
 
 from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet
 from vlrt.settings.config import build_settings
@@ -31,11 +31,20 @@ PROFILES: dict[str, dict[str, tuple[float, float]]] = {
 }
 PROFILES["rtx4090"] = {name: (a * 2.5, b * 2.5) for name, (a, b) in PROFILES["h100"].items()}
 
-# The two settings the issue names: the extension's usual look, and a fast few-step one.
+# A tiny VAE's (TAESD's) share of the full SD VAE's work per row, from their FLOPs (ANCHORS.md:
+# encoder 0.12 against 1.12 TFLOP, decoder 0.14 against 2.51 at 512×512); the fixed cost per call stays.
+TINY_VAE_FLOPS = {VAE_ENCODER: 0.12 / 1.12, VAE_DECODER: 0.14 / 2.51}
+
+# The settings the issues name: the extension's usual look, a fast few-step one, and 4-step LCM at CFG 1
+# with the full and with a tiny VAE. `tiny_vae` is no setting: it picks the modelled tiny VAE.
 CASES: dict[str, dict] = {
     "loop_n 4, 20 steps × 0.4, CFG 7": dict(loop_n=4, steps=20, denoising_strength=0.4, cfg_scale=7.0),
     "loop_n 10, 8 steps × 0.5, CFG 1.5, batch_size 2": dict(
         loop_n=10, steps=8, denoising_strength=0.5, cfg_scale=1.5, batch_size=2
+    ),
+    "loop_n 4, LCM 4 steps, CFG 1": dict(loop_n=4, sampler_name="LCM", steps=8, denoising_strength=0.5, cfg_scale=1.0),
+    "loop_n 4, LCM 4 steps, CFG 1, tiny VAE": dict(
+        loop_n=4, sampler_name="LCM", steps=8, denoising_strength=0.5, cfg_scale=1.0, tiny_vae=True
     ),
 }
 
@@ -67,9 +76,9 @@ class ModelledEngine(Engine):
     backend = "modelled"
 
     def __init__(self, component: str, cost_ms: tuple[float, float], max_batch: int, scale: int, channels: int,
-                 device: ModelledDevice | None = None) -> None:
+                 device: ModelledDevice | None = None, tiny_vae: bool = False) -> None:
         super().__init__(component, max_batch, torch.device("cpu"))
-        self.cost_ms, self.scale, self.channels = cost_ms, scale, channels
+        self.cost_ms, self.scale, self.channels, self.tiny_vae = cost_ms, scale, channels, tiny_vae
         self.modelled = device or ModelledDevice()
 
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -88,30 +97,39 @@ class ModelledEngine(Engine):
             image = feed["image"]
             h, w = image.shape[2] // self.scale, image.shape[3] // self.scale
             mean = image[:, :1, :: self.scale, :: self.scale].expand(rows, self.channels, h, w)
-            return {"moments": torch.cat([mean, torch.full_like(mean, -10.0)], dim=1)}
+            return {"moments": mean if self.tiny_vae else torch.cat([mean, torch.full_like(mean, -10.0)], dim=1)}
         latent = feed["latent"]
         picture = latent[:, :3].clamp(-1, 1).repeat_interleave(self.scale, 2).repeat_interleave(self.scale, 3)
         return {"image": picture}
 
 
-def modelled_engines(profile: str, max_batch: int, scale: int = 8, channels: int = 4) -> tuple[EngineSet, ModelledDevice]:
-    """The stand-in engines of one modelled GPU, and that GPU's queue."""
+def modelled_engines(profile: str, max_batch: int, scale: int = 8, channels: int = 4,
+                     tiny_vae: bool = False) -> tuple[EngineSet, ModelledDevice]:
+    """The stand-in engines of one modelled GPU, and that GPU's queue; with `tiny_vae`, the VAE's per-row
+    cost is TAESD's share of the full VAE's (`TINY_VAE_FLOPS`) and its encoder gives latents."""
     device = ModelledDevice()
-    costs = PROFILES[profile]
-    engines = EngineSet(**{name: ModelledEngine(name, cost, max_batch, scale, channels, device) for name, cost in costs.items()})
+    costs = dict(PROFILES[profile])
+    if tiny_vae:
+        costs.update({name: (costs[name][0], costs[name][1] * share) for name, share in TINY_VAE_FLOPS.items()})
+    engines = EngineSet(**{name: ModelledEngine(name, cost, max_batch, scale, channels, device, tiny_vae)
+                           for name, cost in costs.items()})
     return engines, device
 
 
-def _scale8_model():
-    """The demo model with an SD-shaped VAE config (scale factor 8, 4 latent channels): only its
-    shapes matter, the modelled engines compute nothing."""
+def _scale8_model(tiny_vae: bool = False):
+    """The demo model with an SD-shaped VAE config (scale factor 8, 4 latent channels; TAESD's shape with
+    `tiny_vae`): only its shapes matter, the modelled engines compute nothing."""
     from vlrt.model.loading import load_model
 
     model = load_model("demo", torch.device("cpu"))
-    vae = AutoencoderKL(
-        block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=2, layers_per_block=1,
-    )
+    if tiny_vae:
+        vae = AutoencoderTiny(encoder_block_out_channels=(4,) * 4, decoder_block_out_channels=(4,) * 4,
+                              num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4, latent_channels=4)
+    else:
+        vae = AutoencoderKL(
+            block_out_channels=(4, 4, 4, 4), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=2, layers_per_block=1,
+        )
     return replace(model, vae=vae)
 
 
@@ -152,15 +170,18 @@ def bench_occupancy(profile: str = "h100", frames: int = 24, size: tuple[int, in
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}: choose one of {', '.join(PROFILES)}")
-    model = _scale8_model()
+    models = {tiny: _scale8_model(tiny) for tiny in (False, True)}
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         clip = _write_clip(Path(tmp) / "clip.mkv", frames, size)
         for name, overrides in (cases or CASES).items():
+            overrides = dict(overrides)
+            tiny = overrides.pop("tiny_vae", False)
+            model = models[tiny]
             settings = build_settings(overrides=dict(
                 model="demo", seed=1, temporal_superimpose_alpha_list="0.2,0.6,0.2", max_batch=max_batch, **overrides
             ))
-            engines, device = modelled_engines(profile, max_batch)
+            engines, device = modelled_engines(profile, max_batch, tiny_vae=tiny)
             started = time.perf_counter()
             render(settings, str(clip), str(Path(tmp) / "out.mp4"), quiet=True, model=model, engines=engines)
             wall = time.perf_counter() - started

@@ -34,7 +34,7 @@ MAIN_PANEL = (
 ADVANCED = (*SCHEDULES, "video_post_process_method", "video_post_process_alpha", "fastdvdnet_noise_sigma", "fastdvdnet_weights")
 # The img2img tab's own parameters the script inherits (SPEC.md §1.3), under the WebUI API's names.
 WEBUI = (
-    "prompt", "negative_prompt", "sampler_name", "steps", "cfg_scale", "denoising_strength", "seed", "subseed",
+    "prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "denoising_strength", "seed", "subseed",
     "subseed_strength", "batch_size", "n_iter", "width", "height", "resize_mode", "mask_blur", "inpainting_mask_invert",
     "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "color_correction",
 )
