@@ -57,7 +57,9 @@ def test_a_round_runs_while_the_driver_goes_on_and_its_results_show_only_when_co
         while any(not j.done for j in jobs):
             executor.run_once()
             rounds += 1
-        assert rounds == 1 + 2 + 1 + 1  # encode, 2 steps (4 × 0.5), decode, then the collecting call
+        # encode, 2 steps (4 × 0.5), decode, then the round that waits for the decode on the device and
+        # hands the jobs over, then the call that collects that round
+        assert rounds == 1 + 2 + 1 + 1 + 1
         assert not late.done  # it started a round later
         executor.wait()
         assert all(j.result.shape == (16, 16, 3) for j in jobs)

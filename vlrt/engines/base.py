@@ -25,6 +25,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -66,6 +67,15 @@ def control_names(component: str, residuals: int) -> tuple[tuple[str, ...], tupl
     return (*INPUT_NAMES[UNET], *residual_names(residuals)), OUTPUT_NAMES[UNET]
 
 
+@dataclass(frozen=True)
+class Mark:
+    """A point in one engine's queued work: a CUDA event (None elsewhere) and how many output checks
+    had been queued before it (counted from the engine's start)."""
+
+    event: Any
+    checks: int
+
+
 class Engine(ABC):
     """One network behind a uniform call: a dict of named tensors in, a dict out."""
 
@@ -80,7 +90,8 @@ class Engine(ABC):
         self.device = device
         self.input_names, self.output_names = names or (INPUT_NAMES[component], OUTPUT_NAMES[component])
         self.calls = 0
-        self._checks: list[tuple[torch.Tensor, str, int, int]] = []
+        self._checks: list[tuple[torch.Tensor, str, int, int]] = []  # not yet read, oldest first
+        self._checks_read = 0
 
     @abstractmethod
     def _run(self, feed: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -105,17 +116,34 @@ class Engine(ABC):
         for name, value in outputs.items():
             self._checks.append((torch.isfinite(value).all(), name, self.calls, rows))
         if self.device.type != "cuda":
-            self._read_checks()
+            self._read_checks(self._checks_read + len(self._checks))
         return outputs
 
     def synchronize(self) -> None:
         """Wait for the work queued on the device, then raise on any non-finite output since the last time."""
-        if self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()
-        self._read_checks()
+        self.wait(self.mark())
 
-    def _read_checks(self) -> None:
-        checks, self._checks = self._checks, []
+    def mark(self) -> Mark:
+        """A point in the work queued so far; `wait(mark)` returns once the device has done it. Torch's
+        current stream waits for every call's own stream, so an event on it follows the calls."""
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        return Mark(event, self._checks_read + len(self._checks))
+
+    def wait(self, mark: Mark) -> None:
+        """Wait until the device has done the work queued before `mark`, and raise on a non-finite
+        output of that work."""
+        if mark.event is not None:
+            mark.event.synchronize()
+        self._read_checks(mark.checks)
+
+    def _read_checks(self, count: int) -> None:
+        """Read the oldest `count` checks (fewer when some were read already)."""
+        count -= self._checks_read
+        checks, self._checks = self._checks[:count], self._checks[count:]
+        self._checks_read += len(checks)
         for finite, name, call, rows in checks:
             if not bool(finite):
                 raise VlrtError(
@@ -143,9 +171,20 @@ class EngineSet:
         return engine
 
     def synchronize(self) -> None:
-        """Wait until every engine's queued work is done (a round's end): results may then be read."""
-        for engine in [*(e for e in vars(self).values() if isinstance(e, Engine)), *self.controlnets]:
-            engine.synchronize()
+        """Wait until every engine's queued work is done: results may then be read on the host."""
+        self.wait(self.mark())
+
+    def mark(self) -> list[tuple[Engine, Mark]]:
+        """A point in every engine's queued work (`wait` for it later)."""
+        return [(engine, engine.mark()) for engine in self._all()]
+
+    def wait(self, marks: list[tuple[Engine, Mark]]) -> None:
+        """Wait until the device has done every engine's work queued before `marks`."""
+        for engine, mark in marks:
+            engine.wait(mark)
+
+    def _all(self) -> list[Engine]:
+        return [*(e for e in vars(self).values() if isinstance(e, Engine)), *self.controlnets]
 
     @property
     def calls(self) -> dict[str, int]:

@@ -7,19 +7,20 @@ and both CFG halves, each at its own timestep), then the VAE decodes of the jobs
 Engines split the rows into calls of at most their `max_batch`. Since every random draw belongs
 to its job, the batch never changes what a job computes (up to float rounding).
 
-Overlap (why a thread, and why two rounds): rounds run on the executor's engine thread, so while
-the engines work the driver's thread does the host's share (decoding, blends of other frames,
-starting new jobs, encoding finished frames). Each `run_once()` queues the next round and then, if
-two are queued, waits for the older one and hands its finished jobs to the stages (`job.done`).
-So one round is always queued behind the running one: when a round ends the next starts at once,
-and the driver may be a whole round late before the device idles. A round's jobs are those of the
-previous round that are not finished (the engine thread carries them over) and those the stages
-submitted before the `run_once` that queued it: fixed by the order of the driver's calls, never by
-how long anything took, so the batches, and the frames, do not depend on timing. New jobs start
-one round later than they would if the driver waited for each round; that costs latency only.
-Within a round nothing waits for the device: engine calls and the sampler's tensor ops are queued
-(on a GPU) while the engine thread prepares the next call; the round ends with one
-`EngineSet.synchronize`, which also reads the engines' non-finite checks.
+Overlap (why a thread, and why rounds are collected late): rounds run on the executor's engine
+thread, so while the engines work the driver's thread does the host's share (decoding, blends of
+other frames, starting new jobs, encoding finished frames). Each `run_once()` queues the next round
+and then, if two are queued, waits for the older one. A round's jobs are those of the previous
+round that are not finished (the engine thread carries them over) and those the stages submitted
+before the `run_once` that queued it: fixed by the order of the driver's calls, never by how long
+anything took, so the batches, and the frames, do not depend on timing.
+Nothing on the engine thread waits for the device's current round: engine calls and the sampler's
+tensor ops are queued (on a GPU), each round ends by marking the work queued so far
+(`EngineSet.mark`) and then waits for the mark of the round before (`EngineSet.wait`, which also
+reads the engines' non-finite checks). So the device always holds a round's work while the host
+prepares the next, and a round's finished jobs are handed to the stages (`job.done`) at the end of
+the next round, once the device has done them and their outputs were checked. That costs latency
+only: a job's frame reaches the stages one round later.
 Engine calls outside jobs (FastDVDNet's blocks, `run`) go through the same thread, after the
 rounds queued, so one engine thread owns the device's work.
 """
@@ -49,7 +50,9 @@ class Executor:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrt-engines")
         self._rounds: deque[Future[list[Img2ImgJob]]] = deque()  # queued or running, oldest first
         self._in_flight = 0  # given to rounds and not yet collected finished
+        self.rounds = 0  # rounds queued so far: the stages' clock (a stage may pace its starts by it)
         self._carry: list[Img2ImgJob] = []  # the engine thread's own: the last round's unfinished jobs
+        self._last: tuple[list, list[Img2ImgJob]] = ([], [])  # the engine thread's own: the last round's mark and finished jobs
 
     def __enter__(self) -> Executor:
         return self
@@ -74,6 +77,11 @@ class Executor:
     def pending(self) -> int:
         return len(self.jobs) + self._in_flight
 
+    @property
+    def idle(self) -> bool:
+        """Jobs wait and no round is queued: `run_once` would start one and return at once."""
+        return bool(self.jobs) and not self._rounds
+
     def run_once(self) -> None:
         """Queue the next round (the jobs submitted since the last call, with every unfinished one);
         with two rounds queued, collect the older."""
@@ -81,11 +89,15 @@ class Executor:
             new, self.jobs = self.jobs, []
             self._in_flight += len(new)
             self._rounds.append(self._thread.submit(self._round, new))
+            self.rounds += 1
         if len(self._rounds) > 1:
             self._collect()
 
     def wait(self) -> None:
-        """Collect every round queued. An engine's error is raised here, on the driver's thread."""
+        """Run rounds until every submitted job is finished and collected. An engine's error is raised
+        here (and in `run_once`), on the driver's thread."""
+        while self.pending:
+            self.run_once()
         while self._rounds:
             self._collect()
 
@@ -97,15 +109,18 @@ class Executor:
         self._in_flight -= len(finished)
 
     def _round(self, new: list[Img2ImgJob]) -> list[Img2ImgJob]:
-        """On the engine thread: the carried jobs and `new` one phase on; returns those that finished."""
+        """On the engine thread: the carried jobs and `new` one phase on, queued on the device; then wait
+        for the round before and return the jobs it finished."""
         jobs = self._carry + new
         _advance(self.engines, self.control, jobs)
         self._carry = [job for job in jobs if job.phase is not Phase.DONE]
-        return [job for job in jobs if job.phase is Phase.DONE]
+        (mark, finished), self._last = self._last, (self.engines.mark(), [job for job in jobs if job.phase is Phase.DONE])
+        self.engines.wait(mark)
+        return finished
 
 
 def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> None:
-    """One round, on the engine thread: every job one phase on (decode, then denoise, then encode)."""
+    """One round's work, queued on the engine thread: every job one phase on (decode, then denoise, then encode)."""
     by_phase: dict[Phase, list[Img2ImgJob]] = defaultdict(list)
     for job in jobs:
         by_phase[job.phase].append(job)
@@ -115,7 +130,6 @@ def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
         _denoise(engines, control, by_phase[Phase.DENOISE])
     if by_phase[Phase.ENCODE]:
         _encode(engines, by_phase[Phase.ENCODE])
-    engines.synchronize()  # the round's results are complete before the stages may read them
 
 
 def _encode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:

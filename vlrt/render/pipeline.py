@@ -175,8 +175,8 @@ class Pipeline:
             return written
         while not stages[-1].finished:
             moved = False
-            while not source_done and sum(s.held for s in stages) < self.capacity:
-                frame = next(frames, None)
+            if not source_done and sum(s.held for s in stages) < self.capacity:  # a frame at a time, so
+                frame = next(frames, None)  # that work starts while the stages fill
                 if frame is None:
                     stages[0].close()
                     source_done = True
@@ -200,6 +200,8 @@ class Pipeline:
                     moved = True
             if moved:
                 progress.update(written, [s.emitted for s in stages])
+                if self.executor.idle:  # jobs wait and no round is queued: start the device now
+                    self.executor.run_once()
             elif self.executor.pending:
                 try:
                     self.executor.run_once()
@@ -433,10 +435,14 @@ def _engines(
     )
 
 
+IN_FLIGHT_CALLS = 4  # engine calls' worth of rows each pass may keep in flight
+
+
 def _in_flight(settings: Settings) -> int:
-    """Frames each pass keeps in flight so that one round fills about one engine call."""
+    """Frames each pass keeps in flight: room for `IN_FLIGHT_CALLS` full engine calls of rows, since
+    a pass starts one frame a round (`LoopPass`) and its jobs take several rounds each."""
     rows_per_frame = settings.n_iter * settings.batch_size * (2 if settings.cfg_scale > 1 else 1)
-    return max(1, math.ceil(settings.max_batch / rows_per_frame))
+    return max(1, math.ceil(IN_FLIGHT_CALLS * settings.max_batch / rows_per_frame))
 
 
 def pipeline_reach(settings: Settings) -> int:

@@ -12,7 +12,11 @@ and the post-processing filter act inside the mask only (the filter on the whole
 `post_process_outside_mask`, the extension's way). A frame whose mask is empty is not sent to SD.
 
 The pass starts frame f as soon as its input f+h has arrived (or the stream has ended), so the
-next pass can start while this one is still running.
+next pass can start while this one is still running, but at most one frame a round of the executor
+(`Executor.rounds`): jobs started together would finish together, and the host's work on all their
+frames (blends, the next pass's starts) would then leave the device idle; one frame a round
+staggers the jobs, so there is always device work while the host finishes frames. Which frames
+start in which round depends only on the order of calls, never on timing.
 
 Frames arrive and leave as uint8 tensors on the render device; every blend, the colour match and
 the mask compositing run there. Two steps go to the host and back, for Pillow: a masked frame's
@@ -85,6 +89,7 @@ class LoopPass(Stage):
         self.inputs: dict[int, Frame] = {}
         self.requests: dict[int, _Request] = {}
         self.next_start = first
+        self.started_in_round = -1  # the executor round in which the last frame with work started
 
     @property
     def capacity(self) -> int:
@@ -94,8 +99,12 @@ class LoopPass(Stage):
         self.inputs[frame.index] = frame
 
     def _advance(self) -> list[Frame]:
-        while self.next_start < self.received and len(self.requests) < self.in_flight and self._window_ready(self.next_start):
-            self._start(self.next_start)
+        while (
+            self.next_start < self.received and len(self.requests) < self.in_flight
+            and self._window_ready(self.next_start) and self.started_in_round != self.executor.rounds
+        ):
+            if self._start(self.next_start):
+                self.started_in_round = self.executor.rounds
             self.next_start += 1
         out: list[Frame] = []
         while (request := self.requests.get(self.emitted + len(out))) is not None and request.done:
@@ -110,7 +119,8 @@ class LoopPass(Stage):
     def _window_ready(self, f: int) -> bool:
         return self.closed or f + self.radius < self.received
 
-    def _start(self, f: int) -> None:
+    def _start(self, f: int) -> bool:
+        """Start frame f: submit its img2img jobs (none when its mask is empty); whether it has any."""
         frame = self.inputs[f]
         params = self.resolver(f, self.loop_index)
         if "prompts" in frame.meta:
@@ -128,6 +138,7 @@ class LoopPass(Stage):
         for job in jobs:
             self.executor.submit(job)
         self.requests[f] = _Request(params, jobs, plan)
+        return not all(job.done for job in jobs)
 
     def _init_image(self, f: int, weights: tuple[float, ...]) -> torch.Tensor:
         """The temporal blend of this pass's inputs around f, neighbours past either end or in another shot dropped."""

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet
+from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet, Mark
 from vlrt.settings.config import build_settings
 
 # Milliseconds per call: (fixed, per row), for SD 1.5 at 512×512 in TensorRT fp16.
@@ -52,8 +52,9 @@ CASES: dict[str, dict] = {
 class ModelledDevice:
     """The modelled GPU's queue: calls run one after another, each starting when the device is free.
 
-    Like CUDA work, a call returns at once; the host waits only in `synchronize` (the end of each
-    executor round), so host work before that overlaps the device's. `busy` is the device time (s).
+    Like CUDA work, a call returns at once; the host waits only for a mark (`ModelledEngine.wait`: the
+    executor waits for each round one round later), so host work overlaps the device's. `busy` is
+    the device time (s).
     """
 
     def __init__(self) -> None:
@@ -66,8 +67,6 @@ class ModelledDevice:
             self.free_at = max(time.perf_counter(), self.free_at) + seconds
             self.busy += seconds
 
-    def synchronize(self) -> None:
-        time.sleep(max(0.0, self.free_at - time.perf_counter()))
 
 
 class ModelledEngine(Engine):
@@ -94,9 +93,11 @@ class ModelledEngine(Engine):
     def _finite(self, outputs: dict[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
         return outputs
 
-    def synchronize(self) -> None:
-        self.modelled.synchronize()
-        super().synchronize()
+    def mark(self) -> Mark:
+        return Mark(self.modelled.free_at, 0)  # the time the device will have done the work queued so far
+
+    def wait(self, mark: Mark) -> None:
+        time.sleep(max(0.0, mark.event - time.perf_counter()))
 
     def _outputs(self, feed: Mapping[str, torch.Tensor], rows: int) -> dict[str, torch.Tensor]:
         if self.component == UNET:
