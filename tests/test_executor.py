@@ -32,7 +32,8 @@ class _GatedEngine(ModelledEngine):
 
 def _job(seed: int) -> Img2ImgJob:
     return Img2ImgJob(
-        torch.full((16, 16, 3), 128, dtype=torch.uint8), torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), guidance=1.0,
+        torch.full((16, 16, 3), 128, dtype=torch.uint8), {"encoder_hidden_states": torch.zeros(1, 4, 8)},
+        {"encoder_hidden_states": torch.zeros(1, 4, 8)}, guidance=1.0,
         sampler_name="Euler", scheduler_config={"num_train_timesteps": 1000}, steps=4, strength=0.5, seed=seed,
         subseed=0, subseed_strength=0.0, scaling_factor=1.0,
     )

@@ -193,7 +193,7 @@ def test_long_prompts_get_their_own_onnx_unet_and_match_torch(demo_model, tmp_pa
     from vlrt.render.engine_picker import build_engines, sd_networks
 
     long = " ".join(["x"] * 150)  # 150 tokens with the demo tokenizer: two chunks
-    cond, uncond = demo_model.encode_pair(long, "blurry")
+    cond, uncond = (c["encoder_hidden_states"] for c in demo_model.encode_pair(long, "blurry", (32, 32)))
     assert cond.shape[1] == uncond.shape[1] == 154
     networks = [n for n in sd_networks(demo_model, 32, 32) if n.component == UNET]
     engines = build_engines(networks, "ort", device=CPU, max_batch=4, precision="fp32", engines_dir=tmp_path, log=lambda m: None)

@@ -1,6 +1,7 @@
 """One img2img sample as a state machine the executor advances a phase at a time.
 
-The job reproduces diffusers' `StableDiffusionImg2ImgPipeline` for one sample: the posterior
+The job reproduces diffusers' `StableDiffusionImg2ImgPipeline` (for SDXL its
+`StableDiffusionXLImg2ImgPipeline`) for one sample: the posterior
 sample and the initial noise come from the sample's own generator (in that order), the
 scheduler starts at `int(steps * strength)` steps from the end, CFG mixes the unconditional and
 conditional predictions, and the decoded image is rounded to 8 bits the same way. What differs is
@@ -30,6 +31,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from vlrt.executor.control import ControlInput
 from vlrt.executor.noise import generator, variation_noise
 from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
+from vlrt.model.conditioning import Conditioning
 from vlrt.model.sampler_steps import add_noise, plan
 from vlrt.model.samplers import make_scheduler
 
@@ -58,8 +60,8 @@ class Img2ImgJob:
     def __init__(
         self,
         image: torch.Tensor,
-        cond: torch.Tensor,
-        uncond: torch.Tensor,
+        cond: Conditioning,
+        uncond: Conditioning,
         guidance: float,
         sampler_name: str,
         scheduler_config: dict[str, Any],
@@ -74,7 +76,8 @@ class Img2ImgJob:
         fill: str = ORIGINAL,
         control: tuple[ControlInput, ...] = (),
     ) -> None:
-        """`control` holds the job's ControlNet units (vlrt.executor.control), in unit order.
+        """`cond` and `uncond` are the prompt pair's UNet inputs (`Model.encode_pair`).
+        `control` holds the job's ControlNet units (vlrt.executor.control), in unit order.
         `latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
         latents start from (see `vlrt.image.inpaint`)."""
@@ -146,12 +149,14 @@ class Img2ImgJob:
         return 2 if self.cfg else 1
 
     @property
-    def embeddings(self) -> torch.Tensor:
-        """This job's text embeddings, one per UNet row (unconditional first)."""
-        return torch.cat([self.uncond, self.cond]) if self.cfg else self.cond
+    def embeddings(self) -> Conditioning:
+        """This job's conditioning (text embeddings; for SDXL also pooled and sizes), one per UNet row (unconditional first)."""
+        if not self.cfg:
+            return self.cond
+        return {name: torch.cat([self.uncond[name], value]) for name, value in self.cond.items()}
 
-    def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This job's UNet rows with its own scheduler: (sample, timestep, text embeddings)."""
+    def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """This job's UNet rows with its own scheduler: (sample, timestep, conditioning)."""
         t = self.timesteps[self.index]
         latents = torch.cat([self.latents] * self.rows)
         sample = self.scheduler.scale_model_input(latents, t)

@@ -6,7 +6,8 @@ converted by diffusers with the configs vlrt ships (`model_configs/controlnet-sd
 SD 1.x and SD 2.x told apart by the cross-attention width in the file's keys; no hub is asked.
 A ControlNet whose architecture does not fit the model (cross-attention width, latent channels,
 block widths, or a hint encoder that does not downscale by the VAE's factor) is refused with what
-was found. LoRAs are fused into the model only, never into its ControlNets.
+was found. LoRAs are fused into the model only, never into its ControlNets. SDXL models take no
+ControlNet yet: their units are refused with one line.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.model.checkpoints import CONFIGS, CROSS_ATTENTION, read_shapes, read_torch_checkpoint
+from vlrt.model.checkpoints import CONFIGS, CROSS_ATTENTION, family, read_shapes, read_torch_checkpoint
 from vlrt.model.loading import Model
 from vlrt.model.lora import file_sha256
 from vlrt.settings.controlnet import ControlNetUnit
@@ -26,7 +27,6 @@ from vlrt.settings.controlnet import ControlNetUnit
 SINGLE_FILE_SUFFIXES = (".safetensors", ".pth", ".ckpt")
 HINT_KEY = "input_hint_block.0.weight"  # the original layout's control-image encoder
 FIRST_ATTENTION = "input_blocks.1.1.transformer_blocks.0" + CROSS_ATTENTION
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x"}
 SHIPPED = {768: CONFIGS / "controlnet-sd1", 1024: CONFIGS / "controlnet-sd2"}
 
 
@@ -39,13 +39,13 @@ class ControlNet:
     sha256: str
 
 
-def family(width: int) -> str:
-    """The architecture a cross-attention width belongs to, in words."""
-    return f"{FAMILIES.get(width, 'an architecture vlrt does not know')} (cross-attention width {width})"
-
-
 def load_controlnets(units: list[ControlNetUnit], model: Model) -> list[ControlNet]:
-    """Every unit's ControlNet in float32 on the model's device, in unit order."""
+    """Every unit's ControlNet in float32 on the model's device, in unit order (SD 1.x/2.x models only)."""
+    if units and model.is_sdxl:
+        raise VlrtError(
+            "ControlNet units on an SDXL model are not supported yet (SDXL ControlNets take the pooled embedding "
+            "and sizes too): remove the --controlnet units or use an SD 1.x/2.x model"
+        )
     return [ControlNet(unit, *_load(Path(unit.model).expanduser(), model)) for unit in units]
 
 

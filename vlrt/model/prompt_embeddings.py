@@ -7,7 +7,10 @@ What the WebUI does, from its documented behaviour:
   prompt of k chunks gives [1, 77·k, D].
 - CLIP skip N (1 = the last layer): for N > 1 the hidden state N layers from the end (2 = the
   penultimate layer's output) followed by the encoder's final layer norm. diffusers' own
-  `clip_skip` argument counts one less.
+  `clip_skip` argument counts one less. SDXL's encoders take their layer without the final
+  layer norm (`final_norm=False`), as SDXL was trained.
+- An encoder with a projection (SDXL's second, OpenCLIP-G) also gives a pooled embedding: that of
+  the prompt's first chunk, unweighted, as the WebUI takes it (`pooled`).
 - Weights multiply each token's embedding; the chunk is then rescaled so that the mean of all
   its values is what it was before weighting (z *= w; z *= mean_before / mean_after).
 - A prompt and negative prompt of different chunk counts are padded to the same length with
@@ -34,7 +37,9 @@ CHUNK_LENGTH = 77  # 75 tokens + start + end: CLIP's context
 class PromptEncoder:
     """Embeds prompts with one model's tokenizer and text encoder; one result per distinct text."""
 
-    def __init__(self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device, clip_skip: int = 1) -> None:
+    def __init__(
+        self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device, clip_skip: int = 1, final_norm: bool = True
+    ) -> None:
         layers = int(text_encoder.config.num_hidden_layers)
         if not 1 <= clip_skip <= layers:
             raise VlrtError(f"clip_skip {clip_skip} is out of range: this text encoder has {layers} layers (use 1 to {layers})")
@@ -42,13 +47,24 @@ class PromptEncoder:
         self.text_encoder = text_encoder
         self.device = device
         self.clip_skip = clip_skip
-        self._cache: dict[str, torch.Tensor] = {}
+        self.final_norm = final_norm
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         commas = tokenizer(",", add_special_tokens=False).input_ids
         self.comma = commas[0] if len(commas) == 1 else None
         self.use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
 
     def __call__(self, text: str) -> torch.Tensor:
         """Embeddings [1, 77·chunks, D] of one prompt, computed once per distinct text."""
+        return self._cached(text)[0]
+
+    def pooled(self, text: str) -> torch.Tensor:
+        """The projected pooled embedding [1, P] of the prompt's first chunk (encoders with a projection only)."""
+        pooled = self._cached(text)[1]
+        if pooled is None:
+            raise ValueError(f"{type(self.text_encoder).__name__} has no projection, so no pooled embedding")
+        return pooled
+
+    def _cached(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         cached = self._cache.get(text)
         if cached is None:
             cached = self._cache[text] = self._encode(text)
@@ -76,7 +92,7 @@ class PromptEncoder:
         return list(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
     @torch.inference_mode()
-    def _encode(self, text: str) -> torch.Tensor:
+    def _encode(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunks = self.chunks(text)
         bos, eos, pad = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids, weights, masks = [], [], []
@@ -86,19 +102,25 @@ class PromptEncoder:
             weights.append([1.0, *chunk.weights, 1.0] + [1.0] * fill)
             masks.append([1] * (CHUNK_LENGTH - fill) + [0] * fill)
         mask = torch.tensor(masks, device=self.device) if self.use_mask else None
-        z = self._hidden(torch.tensor(ids, device=self.device), mask).float()
+        z, pooled = self._hidden(torch.tensor(ids, device=self.device), mask)
+        z = z.float()
         w = torch.tensor(weights, dtype=torch.float32, device=z.device)
         if not bool((w == 1.0).all()):
             z = torch.stack([_weighted(zc, wc) for zc, wc in zip(z, w)])
-        return z.reshape(1, -1, z.shape[-1]).cpu()
+        return z.reshape(1, -1, z.shape[-1]).cpu(), None if pooled is None else pooled[:1].float().cpu()
 
-    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The text encoder's output for each chunk, `clip_skip` layers from the end."""
-        if self.clip_skip == 1:
-            return self.text_encoder(input_ids, attention_mask=mask)[0]
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoder's output for each chunk, `clip_skip` layers from the end, and its pooled
+        projection per chunk where it has one."""
         out = self.text_encoder(input_ids, attention_mask=mask, output_hidden_states=True)
+        pooled = getattr(out, "text_embeds", None)
+        if self.clip_skip == 1 and self.final_norm:
+            return out.last_hidden_state, pooled
+        hidden = out.hidden_states[-self.clip_skip]
+        if not self.final_norm:
+            return hidden, pooled
         final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        return final_norm(out.hidden_states[-self.clip_skip])
+        return final_norm(hidden), pooled
 
 
 def _weighted(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,7 @@ def attention_layers(model: Model) -> list[Attention]:
 
 def estimate_bytes(model: Model, width: int, height: int, rows: int, backend: str, bytes_per_value: int) -> int:
     """Peak memory of rendering `width`×`height` frames in engine calls of `rows` rows."""
-    weights = sum(p.numel() for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()) * bytes_per_value
+    weights = sum(p.numel() for m in (model.unet, model.vae, *model.text_encoders) for p in m.parameters()) * bytes_per_value
     attention = 0
     if backend in MATERIALISED_ATTENTION:
         for layer in attention_layers(model):

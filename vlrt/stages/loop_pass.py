@@ -146,7 +146,7 @@ class LoopPass(Stage):
     def _jobs(
         self, init: torch.Tensor, params: FrameParams, plan: InpaintPlan | None, control_maps: tuple[np.ndarray, ...]
     ) -> list[Img2ImgJob]:
-        cond, uncond = self.model.encode_pair(params.prompt, params.negative_prompt)
+        cond, uncond = self.model.encode_pair(params.prompt, params.negative_prompt, (init.shape[0], init.shape[1]))
         control = control_inputs(
             self.settings.controlnet, [m if plan is None else plan.sd_view(m) for m in control_maps], init.device
         )
