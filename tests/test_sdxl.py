@@ -11,6 +11,7 @@ import torch
 from conftest import read_frames
 from PIL import Image
 from safetensors.torch import save_file
+from test_checkpoints import no_network  # noqa: F401 (a fixture)
 from test_lora import ALPHA, RANK, TEXT_TARGETS, UNET_TARGETS, kohya_name
 from test_render_exactness import reference_loopback
 from tiny_sdxl import WIDTHS, load_sdxl_pipeline, make_tiny_sdxl
@@ -273,3 +274,64 @@ def test_sdxl_bad_input_is_one_clear_line(case, sdxl_model, sdxl_dir, demo_model
     err = capsys.readouterr().err.strip()
     assert code != 0 and "\n" not in err and expected in err, err
     assert not out.exists() and not list(tmp_path.glob("out.mp4*"))
+
+
+# --- single files in the original SDXL layout -------------------------------------------------
+
+
+def test_shipped_sdxl_configs_are_sdxl_base_and_keys_tell_sdxl_and_refiners_apart(tmp_path):
+    """The shipped configs build SDXL base 1.0's networks (parameter counts of the released model), and the keys
+    tell SDXL base (both embedders) from a refiner (OpenCLIP-G alone)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from vlrt.errors import VlrtError
+    from vlrt.model.checkpoints import CONFIGS, detect_architecture
+
+    folder = CONFIGS / "sdxl"
+    with init_empty_weights():
+        modules = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2")),
+        }
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840}
+    base = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (640, 2048),
+            "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (49408, 768),
+            "conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}
+    arch = detect_architecture(base, tmp_path / "x.safetensors")
+    assert (arch.is_sdxl, arch.cross_attention_dim, arch.family, arch.config_folder("auto")) == (True, 2048, "SDXL", folder)
+    refiner = {"model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+               "conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}
+    with pytest.raises(VlrtError, match="is an SDXL refiner"):
+        detect_architecture(refiner, tmp_path / "refiner.safetensors")
+
+
+def test_sdxl_single_file_renders_like_its_folder(sdxl_model, sdxl_dir, clip_folder, tmp_path, no_network):
+    """A file written by an independent diffusers→sgm mapping loads offline to the same weights, and renders the same frames."""
+    from original_layout import sdxl_to_original
+
+    from vlrt.model.loading import ModelOptions
+
+    path = tmp_path / "tiny-sdxl.safetensors"
+    m = sdxl_model
+    save_file({k: v.clone() for k, v in sdxl_to_original(m.unet, m.vae, m.text_encoder, m.text_encoder_2).items()}, str(path))
+    single = load_model(str(path), CPU, options=ModelOptions(model_config=str(sdxl_dir)))
+    assert single.is_sdxl and single.tokenizer_2.pad_token == "!"
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(single, component).state_dict(), getattr(m, component).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
+    frames = {}
+    for name, model in (("folder", m), ("single", single)):
+        settings = build_settings(overrides=dict(
+            model=str(sdxl_dir if name == "folder" else path), model_config="" if name == "folder" else str(sdxl_dir),
+            backend="torch", loop_n=1, steps=4, denoising_strength=0.5, cfg_scale=7.0, seed=11, max_frames=2,
+            prompt="a (photo:1.2) of a cat, BREAK oil painting", negative_prompt="blurry",
+        ))
+        render(settings, str(clip_folder), str(tmp_path / name) + "/", quiet=True, model=model)
+        frames[name] = read_frames(tmp_path / name)
+    assert len(frames["single"]) == 2 and max(_max_diff(a, b) for a, b in zip(frames["single"], frames["folder"])) == 0
