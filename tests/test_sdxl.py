@@ -311,7 +311,8 @@ def test_shipped_sdxl_configs_are_sdxl_base_and_keys_tell_sdxl_and_refiners_apar
         detect_architecture(refiner, tmp_path / "refiner.safetensors")
 
 
-def test_sdxl_single_file_renders_like_its_folder(sdxl_model, sdxl_dir, clip_folder, tmp_path, no_network):
+@pytest.mark.usefixtures("no_network")
+def test_sdxl_single_file_renders_like_its_folder(sdxl_model, sdxl_dir, clip_folder, tmp_path):
     """A file written by an independent diffusers→sgm mapping loads offline to the same weights, and renders the same frames."""
     from original_layout import sdxl_to_original
 
