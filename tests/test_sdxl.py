@@ -336,3 +336,16 @@ def test_sdxl_single_file_renders_like_its_folder(sdxl_model, sdxl_dir, clip_fol
         render(settings, str(clip_folder), str(tmp_path / name) + "/", quiet=True, model=model)
         frames[name] = read_frames(tmp_path / name)
     assert len(frames["single"]) == 2 and max(_max_diff(a, b) for a, b in zip(frames["single"], frames["folder"])) == 0
+
+
+def test_a_render_far_below_sdxl_area_is_warned_once(sdxl_dir, clip_folder, tmp_path, capsys):
+    from vlrt.render.pipeline import sdxl_size_warning
+
+    out = tmp_path / "out"
+    code = main(["render", str(clip_folder), "-o", str(out) + "/", "--model", str(sdxl_dir), "--loop-n", "2", "--steps", "1",
+                 "--max-frames", "1", "--backend", "torch"])
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("of the 1024×1024 area SDXL models are trained at") == 1, err
+    assert "64×48 is 0%" in err
+    sdxl = load_model(str(sdxl_dir), CPU)
+    assert sdxl_size_warning(sdxl, 768, 768) is None and sdxl_size_warning(sdxl, 640, 640) is not None
