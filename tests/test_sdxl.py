@@ -14,9 +14,10 @@ from safetensors.torch import save_file
 from test_checkpoints import no_network  # noqa: F401 (a fixture)
 from test_lora import ALPHA, RANK, TEXT_TARGETS, UNET_TARGETS, kohya_name
 from test_render_exactness import reference_loopback
-from tiny_sdxl import WIDTHS, load_sdxl_pipeline, make_tiny_sdxl
+from tiny_sdxl import POOLED, WIDTHS, load_sdxl_pipeline, make_tiny_sdxl
 
 from vlrt.cli import main
+from vlrt.export.trt_build import profile_shapes
 from vlrt.model.loading import load_model
 from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
@@ -165,6 +166,9 @@ def test_ort_equals_torch_on_sdxl(sdxl_model, sdxl_dir, clip_folder, tmp_path):
     (unet,) = [p for p in (tmp_path / "engines").glob("*-unet-*") if p.is_dir() and not p.name.startswith(".")]
     inputs = {i.name for i in onnx.load(str(unet / "model.onnx"), load_external_data=False).graph.input}
     assert inputs == {"sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"}
+    # A TensorRT plan of this ONNX gets a batch range for the added conditioning too (built where TensorRT is).
+    shapes = profile_shapes(unet / "model.onnx", 8)
+    assert shapes["text_embeds"] == ((1, POOLED), (8, POOLED), (8, POOLED)) and shapes["time_ids"] == ((1, 6), (8, 6), (8, 6))
 
 
 def test_sdxl_refiner_folder_is_one_clear_line(sdxl_dir, clip_folder, tmp_path, capsys):
@@ -349,3 +353,26 @@ def test_a_render_far_below_sdxl_area_is_warned_once(sdxl_dir, clip_folder, tmp_
     assert "64×48 is 0%" in err
     sdxl = load_model(str(sdxl_dir), CPU)
     assert sdxl_size_warning(sdxl, 768, 768) is None and sdxl_size_warning(sdxl, 640, 640) is not None
+
+
+def test_masks_fastdvdnet_and_schedules_work_on_sdxl(sdxl_model, sdxl_dir, clip_folder, tmp_path):
+    """The rest of the pipeline is the same on SDXL: a mask keeps the right half exactly (full-resolution
+    inpainting crops, whose time ids are their SD size), FastDVDNet runs between passes, schedules apply."""
+    from test_inpainting import W, _mask_file
+
+    from vlrt.fastdvdnet.network import FastDVDnet
+
+    torch.manual_seed(0)
+    save_file(FastDVDnet().state_dict(), str(tmp_path / "fastdvdnet.safetensors"))
+    settings = build_settings(overrides=dict(
+        model=str(sdxl_dir), backend="torch", steps=4, denoising_strength=0.5, cfg_scale=5.0, seed=5, prompt=PROMPT,
+        negative_prompt="blurry", loop_n=2, superimpose_alpha=0.6, use_mask=True, inpaint_full_res=True,
+        mask_directory=str(_mask_file(tmp_path / "mask.png")), temporal_superimpose_alpha_list="0.2,0.6,0.2",
+        video_post_process_method="fastdvdnet", fastdvdnet_weights=str(tmp_path / "fastdvdnet.safetensors"), denoising_schedule="0.5 if loop_i == 0 else 0.3", max_frames=4,
+    ))
+    render(settings, str(clip_folder), str(tmp_path / "out") + "/", quiet=True, model=sdxl_model)
+    inputs, outputs = read_frames(clip_folder)[:4], read_frames(tmp_path / "out")
+    assert len(outputs) == 4
+    for frame_in, frame_out in zip(inputs, outputs):
+        assert np.array_equal(frame_out[:, W // 2 :], frame_in[:, W // 2 :])
+        assert np.abs(frame_out[:, : W // 2].astype(int) - frame_in[:, : W // 2].astype(int)).mean() > 2
