@@ -152,8 +152,8 @@ def check_model_folder(path: Path) -> None:
     sdxl = is_sdxl_folder(path)
     if sdxl:
         index = path / "model_index.json"
-        config = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
-        if config.get("requires_aesthetics_score") or not (path / "text_encoder").is_dir():
+        pipeline = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+        if pipeline.get("requires_aesthetics_score") or not (path / "text_encoder").is_dir():
             raise VlrtError(f"model folder {path} is {REFINER}")
     for sub, config in (SDXL_COMPONENTS if sdxl else COMPONENTS).items():
         folder = path / sub
