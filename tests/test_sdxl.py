@@ -376,3 +376,18 @@ def test_masks_fastdvdnet_and_schedules_work_on_sdxl(sdxl_model, sdxl_dir, clip_
     for frame_in, frame_out in zip(inputs, outputs):
         assert np.array_equal(frame_out[:, W // 2 :], frame_in[:, W // 2 :])
         assert np.abs(frame_out[:, : W // 2].astype(int) - frame_in[:, : W // 2].astype(int)).mean() > 2
+
+
+def test_the_memory_check_counts_weights_already_loaded_for_torch(sdxl_model, monkeypatch):
+    """The torch backend runs the loaded weights in place: memory measured after loading has room for
+    the activations alone (SDXL's 13 GB of fp32 weights are not needed twice); ONNX Runtime loads a copy."""
+    from vlrt.errors import VlrtError
+    from vlrt.render import memory
+
+    weights = sum(p.numel() * 4 for m in (sdxl_model.unet, sdxl_model.vae, *sdxl_model.text_encoders) for p in m.parameters())
+    activations = memory.estimate_bytes(sdxl_model, 64, 48, 8, "torch", 4) - weights
+    monkeypatch.setattr(memory, "available_bytes", lambda device: activations + 1024)
+    common = dict(sized_by_user=True, rows=8, precision="fp32", device=CPU, log=print)
+    assert memory.fit_render_size(sdxl_model, 64, 48, backend="torch", **common) == (64, 48)
+    with pytest.raises(VlrtError, match="needs about"):
+        memory.fit_render_size(sdxl_model, 64, 48, backend="ort", **common)
