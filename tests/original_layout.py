@@ -15,6 +15,10 @@ VAE: encoder.down[i].block[j], decoder.up[n-1-i] (reversed), mid.block_1/attn_1/
 SD 1.x text encoder: transformers' CLIPTextModel under cond_stage_model.transformer.text_model.
 SD 2.x text encoder: OpenCLIP's layout under cond_stage_model.model (q/k/v packed in in_proj);
 real SD 2 checkpoints hold one layer more (the full 24-layer tower) that SD 2 does not use.
+SDXL (sgm's layout): the UNet's add_embedding is label_emb.0.0 / label_emb.0.2; CLIP-L under
+conditioner.embedders.0.transformer.text_model, OpenCLIP-G under conditioner.embedders.1.model with
+its text_projection as the matrix the pooled feature is multiplied by (x @ P: the Linear's weight
+transposed).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def unet_to_original(state: dict[str, torch.Tensor], layers_per_block: int) -> d
         parts = key.split(".")
         if parts[0] == "time_embedding":
             new = {"linear_1": "time_embed.0", "linear_2": "time_embed.2"}[parts[1]] + "." + ".".join(parts[2:])
+        elif parts[0] == "add_embedding":  # SDXL: the pooled embedding and sizes
+            new = {"linear_1": "label_emb.0.0", "linear_2": "label_emb.0.2"}[parts[1]] + "." + ".".join(parts[2:])
         elif parts[0] in ("conv_in", "conv_norm_out", "conv_out"):
             new = {"conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}[parts[0]] + "." + parts[1]
         elif parts[0] == "down_blocks":
@@ -106,16 +112,19 @@ def clip_to_original(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v for k, v in state.items()}
 
 
-def open_clip_to_original(state: dict[str, torch.Tensor], layers: int, extra_layer: bool) -> dict[str, torch.Tensor]:
-    """transformers' CLIPTextModel as OpenCLIP's text tower, with `extra_layer` the unused 24th of SD 2."""
+def open_clip_to_original(
+    state: dict[str, torch.Tensor], layers: int, extra_layer: bool, p: str = "cond_stage_model.model."
+) -> dict[str, torch.Tensor]:
+    """transformers' CLIPTextModel(WithProjection) as OpenCLIP's text tower under prefix `p`, with
+    `extra_layer` the unused 24th of SD 2; a projection's weight W becomes text_projection = Wᵀ."""
+    projection = state.get("text_projection.weight")
     state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    p = "cond_stage_model.model."
     out = {
         p + "token_embedding.weight": state["embeddings.token_embedding.weight"],
         p + "positional_embedding": state["embeddings.position_embedding.weight"],
         p + "ln_final.weight": state["final_layer_norm.weight"],
         p + "ln_final.bias": state["final_layer_norm.bias"],
-        p + "text_projection": torch.zeros(state["final_layer_norm.weight"].shape[0], 8),
+        p + "text_projection": torch.zeros(state["final_layer_norm.weight"].shape[0], 8) if projection is None else projection.T,
     }
     for n in range(layers + int(extra_layer)):
         src = f"encoder.layers.{min(n, layers - 1)}."
@@ -169,3 +178,18 @@ def controlnet_to_original(controlnet: torch.nn.Module, prefix: str = "control_m
             out[f"middle_block_out.0.{parts[1]}"] = value
     assert len(out) == len(state)
     return {prefix + k: v.detach().contiguous().clone() for k, v in out.items()}
+
+
+def sdxl_to_original(
+    unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, text_encoder_2: torch.nn.Module
+) -> dict:
+    """One SDXL state dict in sgm's layout (contiguous copies, for safetensors)."""
+    clip = {k: v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    open_clip = {k: v for k, v in text_encoder_2.state_dict().items() if not k.endswith("position_ids")}
+    state = {
+        **unet_to_original(unet.state_dict(), unet.config.layers_per_block),
+        **vae_to_original(vae.state_dict(), len(vae.config.block_out_channels)),
+        **{"conditioner.embedders.0.transformer.text_model." + k.removeprefix("text_model."): v for k, v in clip.items()},
+        **open_clip_to_original(open_clip, text_encoder_2.config.num_hidden_layers, False, "conditioner.embedders.1.model."),
+    }
+    return {k: v.detach().contiguous() for k, v in state.items()}  # no copies: the real SDXL is 7 GB in fp16

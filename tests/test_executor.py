@@ -13,7 +13,7 @@ from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER, Engine, EngineSet
 from vlrt.executor.executor import Executor
 from vlrt.executor.jobs import Img2ImgJob
 from vlrt.model import sampler_steps
-from vlrt.model.prompt_embeddings import StepEmbeddings
+from vlrt.model.conditioning import StepEmbeddings
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 from vlrt.tools.occupancy import ModelledEngine
@@ -32,7 +32,7 @@ class _GatedEngine(ModelledEngine):
 
 
 def _job(seed: int) -> Img2ImgJob:
-    text = StepEmbeddings((4,), (torch.zeros(1, 4, 8),))
+    text = StepEmbeddings((4,), ({"encoder_hidden_states": torch.zeros(1, 4, 8)},))
     return Img2ImgJob(
         torch.full((16, 16, 3), 128, dtype=torch.uint8), text, text, guidance=1.0,
         sampler_name="Euler", scheduler_config={"num_train_timesteps": 1000}, steps=4, strength=0.5, seed=seed,

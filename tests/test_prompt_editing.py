@@ -81,9 +81,9 @@ def test_malformed_editing_is_one_clear_line(prompt, words):
 
 def test_and_is_refused_in_the_prompt_but_text_in_the_negative(demo_model):
     with pytest.raises(VlrtError, match="AND is the WebUI's composable diffusion"):
-        demo_model.encode_pair("a cat AND a dog", "", steps=4)
-    cond, uncond = demo_model.encode_pair("a cat and a dog", "ugly AND blurry", steps=4)
-    assert cond.shape == uncond.shape
+        demo_model.encode_pair("a cat AND a dog", "", steps=4, size=(32, 32))
+    cond, uncond = demo_model.encode_pair("a cat and a dog", "ugly AND blurry", steps=4, size=(32, 32))
+    assert cond.shapes == uncond.shapes
 
 
 # --- frames ----------------------------------------------------------------------------------

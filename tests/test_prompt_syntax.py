@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vlrt.errors import VlrtError
+from vlrt.model.conditioning import conditioning_pair
 from vlrt.model.prompt_embeddings import PromptEncoder
 from vlrt.model.prompt_syntax import BREAK, CHUNK_TOKENS, Fragment, LoraTag, chunk_prompt, parse_prompt, split_lora_tags
 
@@ -155,13 +156,13 @@ def test_cond_and_uncond_are_padded_with_empty_chunks(demo_model):
     tok, te = demo_model.tokenizer, demo_model.text_encoder
     encoder = PromptEncoder(tok, te, CPU)
     long = "a BREAK b BREAK c"
-    cond, uncond = encoder.pair(long, "", steps=20)
+    cond, uncond = conditioning_pair([encoder], long, "", 20, (32, 32))
     empty = te(chunk_ids(tok, []))[0]
-    assert cond.shape == uncond.shape == (1, 3 * 77, te.config.hidden_size)
-    torch.testing.assert_close(uncond.at(0), empty.repeat(1, 3, 1), rtol=1e-5, atol=1e-6)
-    assert encoder(long) is cond.at(0)  # cached per distinct text
-    short_cond, long_uncond = encoder.pair("", long, steps=20)
-    assert short_cond.shape == long_uncond.shape
+    assert cond.shapes == uncond.shapes == (("encoder_hidden_states", (1, 3 * 77, te.config.hidden_size)),)
+    torch.testing.assert_close(uncond.at(0)["encoder_hidden_states"], empty.repeat(1, 3, 1), rtol=1e-5, atol=1e-6)
+    assert encoder(long) is cond.at(0)["encoder_hidden_states"]  # cached per distinct text
+    short_cond, long_uncond = conditioning_pair([encoder], "", long, 20, (32, 32))
+    assert short_cond.shapes == long_uncond.shapes
 
 
 @torch.no_grad()
@@ -193,7 +194,7 @@ def test_long_prompts_get_their_own_onnx_unet_and_match_torch(demo_model, tmp_pa
     from vlrt.render.engine_picker import build_engines, sd_networks
 
     long = " ".join(["x"] * 150)  # 150 tokens with the demo tokenizer: two chunks
-    cond, uncond = (e.at(0) for e in demo_model.encode_pair(long, "blurry", steps=20))
+    cond, uncond = (e.at(0)["encoder_hidden_states"] for e in demo_model.encode_pair(long, "blurry", 20, (32, 32)))
     assert cond.shape[1] == uncond.shape[1] == 154
     networks = [n for n in sd_networks(demo_model, 32, 32) if n.component == UNET]
     engines = build_engines(networks, "ort", device=CPU, max_batch=4, precision="fp32", engines_dir=tmp_path, log=lambda m: None)

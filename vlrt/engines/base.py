@@ -7,7 +7,7 @@ Components and their tensors (B is the dynamic batch, at most `max_batch`):
 
 | component     | inputs                                                               | outputs                  |
 |---------------|----------------------------------------------------------------------|--------------------------|
-| unet          | sample [B,C,h,w] f32, timestep [B] f32, encoder_hidden_states [B,S,D] | noise_pred [B,C,h,w]     |
+| unet          | sample [B,C,h,w] f32, timestep [B] f32, encoder_hidden_states [B,S,D] (SDXL also text_embeds [B,P], time_ids [B,6]) | noise_pred [B,C,h,w] |
 | vae_encoder   | image [B,3,H,W] in [-1, 1]                                            | moments [B,2C,h,w]       |
 | (tiny VAE)    | image [B,3,H,W] in [-1, 1]                                            | moments: latents [B,C,h,w] |
 | vae_decoder   | latent [B,C,h,w] (already divided by the scaling factor)              | image [B,3,H,W] in [-1,1]|
@@ -18,6 +18,11 @@ Components and their tensors (B is the dynamic batch, at most `max_batch`):
 The L residuals are the UNet's down-block residuals and its mid-block residual (13 for SD 1.x/2.x),
 each scaled by its column of `conditioning_scale`; their count depends on the model, so these two
 components take their names from `residual_names(L)`.
+
+SDXL's UNet takes two more per-row inputs, its added conditioning (`SDXL_CONDITIONING`): the second
+text encoder's pooled embedding and the six size numbers (`time_ids`); each row carries its own, like
+its text embeddings, so rows of different prompts and sizes share a call. Such a UNet takes its names
+from `unet_names`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ INPUT_NAMES: dict[str, tuple[str, ...]] = {
     FASTDVDNET_BLOCK1: ("frames", "noise_map"),
     FASTDVDNET_BLOCK2: ("frames", "noise_map"),
 }
+SDXL_CONDITIONING = ("text_embeds", "time_ids")  # SDXL's added_cond_kwargs, one row each
 OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
     UNET: ("noise_pred",),
     VAE_ENCODER: ("moments",),
@@ -58,6 +64,11 @@ OUTPUT_NAMES: dict[str, tuple[str, ...]] = {
 def residual_names(count: int) -> tuple[str, ...]:
     """The names of a UNet's `count` ControlNet residuals: its down blocks' in order, then its mid block's."""
     return (*(f"down_block_res_{i}" for i in range(count - 1)), "mid_block_res")
+
+
+def unet_names(added: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, outputs) of a UNet taking the `added` conditioning (`SDXL_CONDITIONING` for SDXL) after its text embeddings."""
+    return (*INPUT_NAMES[UNET], *added), OUTPUT_NAMES[UNET]
 
 
 def control_names(component: str, residuals: int) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -11,14 +11,25 @@ from torch import nn
 
 
 class UNetModule(nn.Module):
-    """diffusers' UNet with a per-sample float32 timestep, so rows at different steps share a call."""
+    """diffusers' UNet with a per-sample float32 timestep, so rows at different steps share a call.
+    An SDXL UNet also takes each row's `text_embeds` (pooled) and `time_ids` (sizes), as its own inputs."""
 
     def __init__(self, unet: nn.Module) -> None:
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        time_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        added = None if text_embeds is None else {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added, return_dict=False
+        )[0]
 
 
 class UNetControlModule(nn.Module):

@@ -37,6 +37,7 @@ from vlrt.engines.base import EngineSet
 from vlrt.executor.control import ControlRunner
 from vlrt.executor.jobs import Img2ImgJob, Phase
 from vlrt.model import sampler_steps
+from vlrt.model.conditioning import Conditioning
 
 
 class Executor:
@@ -140,13 +141,13 @@ def _encode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
 
 
 def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> None:
-    for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), tuple(j.cond.shape), j.traj is None)):
+    for group in _by_shape(jobs, lambda j: (tuple(j.latents.shape), j.cond.shapes, j.traj is None)):
         if group[0].traj is None:
             inputs = [j.unet_input() for j in group]
             feed = dict(
                 sample=torch.cat([i[0] for i in inputs]),
                 timestep=torch.cat([i[1] for i in inputs]),
-                encoder_hidden_states=torch.cat([i[2] for i in inputs]),
+                **_rows([i[2] for i in inputs]),
             )
         else:
             latents = torch.cat([j.latents for j in group]).float()
@@ -155,7 +156,7 @@ def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
             feed = dict(
                 sample=sampler_steps.scale_model_input(trajs, latents[rows]),
                 timestep=sampler_steps.model_timesteps(trajs, latents.device),
-                encoder_hidden_states=torch.cat([j.embeddings for j in group]),
+                **_rows([j.embeddings for j in group]),
             )
         if control is not None:
             feed.update(control.residuals(group, **feed))
@@ -167,6 +168,11 @@ def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
                 start += job.rows
         else:
             _step_together(group, latents, pred.float())
+
+
+def _rows(conditionings: list[Conditioning]) -> Conditioning:
+    """The jobs' conditioning rows stacked per input (text embeddings; SDXL's pooled and sizes too)."""
+    return {name: torch.cat([c[name] for c in conditionings]) for name in conditionings[0]}
 
 
 def _step_together(jobs: list[Img2ImgJob], latents: torch.Tensor, pred: torch.Tensor) -> None:

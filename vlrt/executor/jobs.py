@@ -1,6 +1,7 @@
 """One img2img sample as a state machine the executor advances a phase at a time.
 
-The job reproduces diffusers' `StableDiffusionImg2ImgPipeline` for one sample: the posterior
+The job reproduces diffusers' `StableDiffusionImg2ImgPipeline` (for SDXL its
+`StableDiffusionXLImg2ImgPipeline`) for one sample: the posterior
 sample and the initial noise come from the sample's own generator (in that order), the
 scheduler starts at `int(steps * strength)` steps from the end, CFG mixes the unconditional and
 conditional predictions, and the decoded image is rounded to 8 bits the same way (or truncated, as
@@ -32,7 +33,7 @@ from vlrt.executor.control import ControlInput
 from vlrt.executor.noise import generator, variation_noise
 from vlrt.image.blend import ROUND, quantise
 from vlrt.image.inpaint import LATENT_NOISE, LATENT_NOTHING, ORIGINAL
-from vlrt.model.prompt_embeddings import StepEmbeddings
+from vlrt.model.conditioning import Conditioning, StepEmbeddings
 from vlrt.model.sampler_steps import add_noise, plan
 from vlrt.model.samplers import make_scheduler
 
@@ -80,7 +81,7 @@ class Img2ImgJob:
         rounding: str = ROUND,
         posterior: bool = True,
     ) -> None:
-        """`cond` and `uncond` are the prompt's and negative prompt's embeddings per sampling step, of one
+        """`cond` and `uncond` are the prompt's and negative prompt's UNet inputs per sampling step, of one
         shape (`Model.encode_pair`). `control` holds the job's ControlNet units (vlrt.executor.control), in unit order;
         `rounding` how the decoded image becomes 8 bits (`tensor_to_image`).
         `posterior` False for a tiny VAE (TAESD), whose encoder gives the latents themselves: as in
@@ -161,13 +162,17 @@ class Img2ImgJob:
         return 2 if self.cfg else 1
 
     @property
-    def embeddings(self) -> torch.Tensor:
-        """This job's text embeddings at its next step, one per UNet row (unconditional first)."""
+    def embeddings(self) -> Conditioning:
+        """This job's conditioning at its next step (text embeddings; for SDXL also pooled and sizes), one
+        per UNet row (unconditional first)."""
         cond = self.cond.at(self.index)
-        return torch.cat([self.uncond.at(self.index), cond]) if self.cfg else cond
+        if not self.cfg:
+            return cond
+        uncond = self.uncond.at(self.index)
+        return {name: torch.cat([uncond[name], value]) for name, value in cond.items()}
 
-    def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This job's UNet rows with its own scheduler: (sample, timestep, text embeddings)."""
+    def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """This job's UNet rows with its own scheduler: (sample, timestep, conditioning)."""
         t = self.timesteps[self.index]
         latents = torch.cat([self.latents] * self.rows)
         sample = self.scheduler.scale_model_input(latents, t)

@@ -1,15 +1,20 @@
-"""Single-file SD 1.x / 2.x checkpoints (`.safetensors`, `.ckpt`) in the original key layout, offline.
+"""Single-file SD 1.x / 2.x / SDXL checkpoints (`.safetensors`, `.ckpt`) in the original key layout, offline.
 
 The architecture is read from the checkpoint's keys and shapes before anything is converted:
 - a UNet under `model.diffusion_model.` taking 4 latent channels (9 is an inpainting model);
 - the text encoder: OpenAI CLIP under `cond_stage_model.transformer.` (SD 1.x) or OpenCLIP under
   `cond_stage_model.model.` (SD 2.x), with the UNet's cross-attention width to match (768 / 1024);
-- SDXL (`conditioner.embedders.`), a LoRA or a lone VAE given as --model are named as such.
+- SDXL: CLIP-L under `conditioner.embedders.0.transformer.` and OpenCLIP-G under
+  `conditioner.embedders.1.model.` (cross-attention 2048, the UNet's `label_emb` taking the pooled
+  embedding and sizes); an SDXL refiner (OpenCLIP-G alone, as `conditioner.embedders.0.model.`) is
+  refused, as are a LoRA or a lone VAE given as --model, each named as such.
 
-diffusers converts the weights (`StableDiffusionPipeline.from_single_file`), with the diffusers
-configs vlrt ships in `model_configs/` (`sd1`, `sd2` for 512 epsilon models, `sd2-v` for 768
-v-prediction), or with the config folder the user names (`--model-config`), which may also hold
-the tokenizer. The keys cannot tell SD 2.x v-prediction from epsilon models apart; like diffusers,
+diffusers converts the weights (`StableDiffusionPipeline.from_single_file`, for SDXL
+`StableDiffusionXLPipeline`'s), with the diffusers configs vlrt ships in `model_configs/` (`sd1`,
+`sd2` for 512 epsilon models, `sd2-v` for 768 v-prediction, `sdxl` for SDXL base 1.0's
+architecture), or with the config folder the user names (`--model-config`), which may also hold
+the tokenizers. SDXL's two tokenizers share CLIP's vocabulary (`clip_vocab`); the second pads with
+`!` (token 0), as OpenCLIP does. The keys cannot tell SD 2.x v-prediction from epsilon models apart; like diffusers,
 vlrt takes SD 2.x as v-prediction (2.0-v, 2.1 and their fine-tunes) unless `prediction_type` says
 otherwise.
 """
@@ -32,27 +37,45 @@ UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 CROSS_ATTENTION = ".attn2.to_k.weight"  # [inner, cross-attention width] in every UNet transformer block
 CLIP_TOKENS = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
 OPEN_CLIP_TOKENS = "cond_stage_model.model.token_embedding.weight"
+SDXL_CLIP_TOKENS = "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight"
+SDXL_OPEN_CLIP_TOKENS = "conditioner.embedders.1.model.token_embedding.weight"
+REFINER_OPEN_CLIP_TOKENS = "conditioner.embedders.0.model.token_embedding.weight"
 VAE_IN = "first_stage_model.encoder.conv_in.weight"
-KNOWN_WIDTHS = {"clip": 768, "open_clip": 1024}
+KNOWN_WIDTHS = {"clip": 768, "open_clip": 1024, "sdxl": 2048}
+FAMILIES = {"clip": "SD 1.x", "open_clip": "SD 2.x", "sdxl": "SDXL"}
+REFINER = (
+    "an SDXL refiner (one OpenCLIP-G text encoder, aesthetic-score conditioning), which vlrt does not run: "
+    "use an SDXL base-architecture model (SDXL base, Pony, Illustrious, NoobAI and their fine-tunes)"
+)
 
 
 @dataclass(frozen=True)
 class Architecture:
     """What a checkpoint's keys say it is."""
 
-    text_encoder: str  # "clip" (SD 1.x) or "open_clip" (SD 2.x)
+    text_encoder: str  # "clip" (SD 1.x), "open_clip" (SD 2.x) or "sdxl" (both: CLIP-L and OpenCLIP-G)
     cross_attention_dim: int
     has_vae: bool
 
     @property
     def family(self) -> str:
-        return "SD 1.x" if self.text_encoder == "clip" else "SD 2.x"
+        return FAMILIES[self.text_encoder]
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder == "sdxl"
 
     def config_folder(self, prediction_type: str) -> Path:
         """The shipped diffusers configs for this architecture and prediction type."""
-        if self.text_encoder == "clip":
-            return CONFIGS / "sd1"
+        if self.text_encoder in ("clip", "sdxl"):
+            return CONFIGS / ("sd1" if self.text_encoder == "clip" else "sdxl")
         return CONFIGS / ("sd2" if prediction_type == "epsilon" else "sd2-v")
+
+
+def family(width: int) -> str:
+    """The architecture a cross-attention width belongs to, in words."""
+    names = {KNOWN_WIDTHS[k]: FAMILIES[k] for k in KNOWN_WIDTHS}
+    return f"{names.get(width, 'an architecture vlrt does not know')} (cross-attention width {width})"
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -88,16 +111,20 @@ def read_torch_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def detect_architecture(shapes: Mapping[str, tuple[int, ...]], path: Path) -> Architecture:
-    """SD 1.x or 2.x from the keys, or a VlrtError naming the file and what was found instead."""
+    """SD 1.x, 2.x or SDXL from the keys, or a VlrtError naming the file and what was found instead."""
     if UNET_IN not in shapes:
         raise VlrtError(f"{path} is not a Stable Diffusion checkpoint: {_what_it_is(shapes)}")
-    if any(k.startswith("conditioner.embedders.") for k in shapes):
-        raise VlrtError(f"{path} is an SDXL checkpoint; vlrt runs SD 1.x and 2.x models")
+    if REFINER_OPEN_CLIP_TOKENS in shapes:
+        raise VlrtError(f"{path} is {REFINER}")
     in_channels = shapes[UNET_IN][1]
     if in_channels != 4:
         kind = "an inpainting model" if in_channels == 9 else "not an img2img model"
-        raise VlrtError(f"{path} has a UNet taking {in_channels} input channels ({kind}); vlrt runs 4-channel SD 1.x/2.x models")
-    if CLIP_TOKENS in shapes:
+        raise VlrtError(f"{path} has a UNet taking {in_channels} input channels ({kind}); vlrt runs 4-channel SD 1.x/2.x/SDXL models")
+    if any(k.startswith("conditioner.embedders.") for k in shapes):
+        if SDXL_CLIP_TOKENS not in shapes or SDXL_OPEN_CLIP_TOKENS not in shapes:
+            raise VlrtError(f"{path} has SDXL conditioner keys but not both SDXL text encoders ({SDXL_CLIP_TOKENS}, {SDXL_OPEN_CLIP_TOKENS})")
+        text_encoder = "sdxl"
+    elif CLIP_TOKENS in shapes:
         text_encoder = "clip"
     elif OPEN_CLIP_TOKENS in shapes:
         text_encoder = "open_clip"
@@ -114,7 +141,7 @@ def check_shipped(arch: Architecture, path: Path) -> None:
     if arch.cross_attention_dim != KNOWN_WIDTHS[arch.text_encoder]:
         raise VlrtError(
             f"{path} has an unknown architecture: a {arch.text_encoder} text encoder with cross-attention width "
-            f"{arch.cross_attention_dim} (SD 1.x has 768, SD 2.x 1024); pass --model-config with its diffusers config folder"
+            f"{arch.cross_attention_dim} (SD 1.x has 768, SD 2.x 1024, SDXL 2048); pass --model-config with its diffusers config folder"
         )
 
 
@@ -143,7 +170,7 @@ def load_checkpoint(
     one, else CLIP's (`clip_vocab`)."""
     import json
 
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     from vlrt.model.clip_vocab import SD2_PAD, clip_tokenizer
@@ -152,16 +179,24 @@ def load_checkpoint(
         raise VlrtError(f"model_config {config} is not a diffusers config folder (no model_index.json)")
     if not arch.has_vae and vae is None:
         raise VlrtError(f"{path} holds no VAE (first_stage_model.*): pass one with --vae")
-    if (config / "tokenizer").is_dir():
-        tokenizer = CLIPTokenizer.from_pretrained(config / "tokenizer", local_files_only=True)
-    else:
-        tokenizer = clip_tokenizer(SD2_PAD if arch.text_encoder == "open_clip" else "<|endoftext|>")
+    def tokenizer(folder: str, pad: str) -> CLIPTokenizer:
+        if (config / folder).is_dir():
+            return CLIPTokenizer.from_pretrained(config / folder, local_files_only=True)
+        return clip_tokenizer(pad)
+
     extra = {"vae": vae} if vae is not None else {}
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, local_files_only=True, torch_dtype=dtype, **extra,
-        )
+        if arch.is_sdxl:
+            pipe = StableDiffusionXLPipeline.from_single_file(
+                str(path), config=str(config), tokenizer=tokenizer("tokenizer", "<|endoftext|>"),
+                tokenizer_2=tokenizer("tokenizer_2", SD2_PAD), local_files_only=True, torch_dtype=dtype, **extra,
+            )
+        else:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config), tokenizer=tokenizer("tokenizer", SD2_PAD if arch.text_encoder == "open_clip" else "<|endoftext|>"),
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False, local_files_only=True,
+                torch_dtype=dtype, **extra,
+            )
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise VlrtError(f"{path} could not be loaded as {arch.family} with the configs in {config}: {_first_line(exc)}") from None
     scheduler_config = json.loads((config / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))

@@ -27,7 +27,7 @@ PACKAGE = "open_clip_torch"
 VOCAB_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 MERGES = 49152 - 256 - 2  # CLIP uses the first 48 894 merges of the file
 INSTALL = f"pip install --no-deps {PACKAGE}"
-SD2_PAD = "!"  # SD 2.x pads prompts with "!" (token 0); SD 1.x with the end token
+SD2_PAD = "!"  # OpenCLIP (SD 2.x, SDXL's second encoder) pads prompts with "!" (token 0); CLIP with the end token
 
 
 def vocab_path() -> Path:

@@ -13,7 +13,8 @@ tests' tiny ones) is converted with the structure its keys give and, for what ke
 encoder of the UNet it steers.
 A ControlNet whose architecture does not fit the model (cross-attention width, latent channels,
 block widths, or a hint encoder that does not downscale by the VAE's factor) is refused with what
-was found. LoRAs are fused into the model only, never into its ControlNets.
+was found. LoRAs are fused into the model only, never into its ControlNets. SDXL models take no
+ControlNet yet: their units are refused with one line.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.model.checkpoints import CONFIGS, CROSS_ATTENTION, read_shapes, read_torch_checkpoint
+from vlrt.model.checkpoints import CONFIGS, CROSS_ATTENTION, family, read_shapes, read_torch_checkpoint
 from vlrt.model.loading import Model
 from vlrt.model.lora import file_sha256
 from vlrt.settings.controlnet import ControlNetUnit
@@ -37,7 +38,6 @@ CONTROL_PREFIX = "control_model."  # ControlNet 1.0 files; 1.1's keys have no pr
 HINT_KEY = "input_hint_block.0.weight"  # the original layout's control-image encoder
 CONV_IN = "input_blocks.0.0.weight"
 HINT_CONV_OUT = 14  # diffusers' converter reads the encoder's last convolution at input_hint_block.14
-FAMILIES = {768: "SD 1.x", 1024: "SD 2.x"}
 SHIPPED = {768: CONFIGS / "controlnet-sd1", 1024: CONFIGS / "controlnet-sd2"}
 # What an original-layout file's keys do not show, taken from the model's UNet when its config is not a shipped one.
 FROM_UNET = (
@@ -55,13 +55,13 @@ class ControlNet:
     sha256: str
 
 
-def family(width: int) -> str:
-    """The architecture a cross-attention width belongs to, in words."""
-    return f"{FAMILIES.get(width, 'an architecture vlrt does not know')} (cross-attention width {width})"
-
-
 def load_controlnets(units: list[ControlNetUnit], model: Model) -> list[ControlNet]:
-    """Every unit's ControlNet in float32 on the model's device, in unit order."""
+    """Every unit's ControlNet in float32 on the model's device, in unit order (SD 1.x/2.x models only)."""
+    if units and model.is_sdxl:
+        raise VlrtError(
+            "ControlNet units on an SDXL model are not supported yet (SDXL ControlNets take the pooled embedding "
+            "and sizes too): remove the --controlnet units or use an SD 1.x/2.x model"
+        )
     return [ControlNet(unit, *_load(Path(unit.model).expanduser(), model)) for unit in units]
 
 

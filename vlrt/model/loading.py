@@ -2,6 +2,9 @@
 single-file checkpoint (`checkpoints.py`), with a VAE override (`vae_override.py`), LoRAs fused
 (`lora.py`) and CLIP skip.
 
+SD 1.x/2.x and SDXL base-architecture models (two text encoders: `text_encoder_2/`, `tokenizer_2/`
+in a folder); an SDXL refiner (one OpenCLIP-G encoder, aesthetic-score conditioning) is refused.
+
 Everything the runtime needs to know about the model (VAE scale factor, latent channels,
 scaling factor, cross-attention size, scheduler config) is read from its configs, never assumed.
 """
@@ -17,11 +20,12 @@ from typing import Any
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.model.checkpoints import check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
+from vlrt.model.checkpoints import REFINER, check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
+from vlrt.model.conditioning import StepEmbeddings, conditioning_pair, text_embeddings
 from vlrt.model.lora import apply_loras, lora_specs, untagged_prompt
-from vlrt.model.prompt_embeddings import PromptEncoder, StepEmbeddings
+from vlrt.model.prompt_embeddings import PromptEncoder
 from vlrt.model.prompt_syntax import LoraTag
-from vlrt.model.textual_inversion import EmbeddingFile, read_folder
+from vlrt.model.textual_inversion import CLIP_G, CLIP_L, EmbeddingFile, read_folder
 from vlrt.model.vae_override import load_vae
 
 COMPONENTS = {
@@ -31,6 +35,7 @@ COMPONENTS = {
     "tokenizer": None,
     "scheduler": "scheduler_config.json",
 }
+SDXL_COMPONENTS = {**COMPONENTS, "text_encoder_2": "config.json", "tokenizer_2": None}
 
 
 @dataclass
@@ -51,10 +56,33 @@ class Model:
     lora_tags: tuple[LoraTag, ...] = ()  # the prompt's <lora:…> tags among them, which every prompt must carry
     config_root: Path | None = None  # the folder holding the model's diffusers configs
     embeddings: list[EmbeddingFile] = field(default_factory=list)  # the textual-inversion files prompts may name
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's OpenCLIP-G (with projection); None before SDXL
+    tokenizer_2: Any = None
     prompts: PromptEncoder = field(init=False, repr=False)
+    encoders: tuple[PromptEncoder, ...] = field(init=False, repr=False)  # `prompts`, then SDXL's second
 
     def __post_init__(self) -> None:
-        self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device, self.clip_skip, self.embeddings)
+        if self.text_encoder_2 is None:
+            self.prompts = PromptEncoder(self.tokenizer, self.text_encoder, self.device, self.clip_skip, embeddings=self.embeddings)
+            self.encoders = (self.prompts,)
+            return
+        # SDXL: both encoders' penultimate layers without the final norm; clip skip moves CLIP-L's only (conditioning.py).
+        self.prompts = PromptEncoder(
+            self.tokenizer, self.text_encoder, self.device, max(2, self.clip_skip), final_norm=False,
+            embeddings=self.embeddings, slot=CLIP_L,
+        )
+        second = PromptEncoder(
+            self.tokenizer_2, self.text_encoder_2, self.device, 2, final_norm=False, embeddings=self.embeddings, slot=CLIP_G
+        )
+        self.encoders = (self.prompts, second)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
+        return (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,14 +110,16 @@ class Model:
         return int(self.unet.config.cross_attention_dim)
 
     def encode_prompt(self, text: str) -> torch.Tensor:
-        """Text embeddings [1, 77·chunks, D] of a WebUI-syntax prompt, computed once per distinct text."""
-        return self.prompts(untagged_prompt(text, self.lora_tags))
+        """Text embeddings [1, 77·chunks, D] of a WebUI-syntax prompt (SDXL: both encoders'), computed once per distinct text."""
+        return text_embeddings(self.encoders, untagged_prompt(text, self.lora_tags))
 
-    def encode_pair(self, prompt: str, negative: str, steps: int) -> tuple[StepEmbeddings, StepEmbeddings]:
-        """(cond, uncond) of one job over its prompts' schedules of `steps` steps, all of one length so
-        that both CFG rows share a UNet call. The negative prompt's `<…>` stays text, as in the WebUI,
-        which applies the prompt's tags only."""
-        return self.prompts.pair(untagged_prompt(prompt, self.lora_tags), negative, steps)
+    def encode_pair(
+        self, prompt: str, negative: str, steps: int, size: tuple[int, int]
+    ) -> tuple[StepEmbeddings, StepEmbeddings]:
+        """(cond, uncond) UNet inputs of one job over its prompts' schedules of `steps` steps, rendered at
+        `size` (height, width), all of one prompt length so that both CFG rows share a UNet call. The
+        negative prompt's `<…>` stays text, as in the WebUI, which applies the prompt's tags only."""
+        return conditioning_pair(self.encoders, untagged_prompt(prompt, self.lora_tags), negative, steps, size)
 
 
 @dataclass(frozen=True)
@@ -127,9 +157,20 @@ def resolve_model_path(spec: str) -> tuple[Path, bool]:
     return path, False
 
 
+def is_sdxl_folder(path: Path) -> bool:
+    """Whether a diffusers folder is SDXL's (a second text encoder or tokenizer)."""
+    return (path / "text_encoder_2").is_dir() or (path / "tokenizer_2").is_dir()
+
+
 def check_model_folder(path: Path) -> None:
-    """Name the first missing component before loading anything."""
-    for sub, config in COMPONENTS.items():
+    """Refuse an SDXL refiner and name the first missing component, before loading anything."""
+    sdxl = is_sdxl_folder(path)
+    if sdxl:
+        index = path / "model_index.json"
+        pipeline = json.loads(index.read_text(encoding="utf-8")) if index.is_file() else {}
+        if pipeline.get("requires_aesthetics_score") or not (path / "text_encoder").is_dir():
+            raise VlrtError(f"model folder {path} is {REFINER}")
+    for sub, config in (SDXL_COMPONENTS if sdxl else COMPONENTS).items():
         folder = path / sub
         if not folder.is_dir():
             raise VlrtError(f"model folder {path} has no {sub}/ folder: it is not a complete diffusers Stable Diffusion model")
@@ -162,8 +203,9 @@ def load_model(
     if options.prediction_type != "auto":
         scheduler_config = {**scheduler_config, "prediction_type": options.prediction_type}
     loras = apply_loras(modules, scheduler_config, lora_specs(options.loras, options.lora_tags, options.lora_dir))
-    for name in ("unet", "vae", "text_encoder"):
-        modules[name].to(device).eval().requires_grad_(False)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        if name in modules:
+            modules[name].to(device).eval().requires_grad_(False)
     return Model(
         name="demo" if is_demo else path.stem,
         path=path,
@@ -182,22 +224,29 @@ def load_model(
 def _load_folder(path: Path, dtype: torch.dtype, options: ModelOptions) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """A diffusers folder's modules, its scheduler config, and the folder its configs are in."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     check_model_folder(path)
     kwargs = {"local_files_only": True, "torch_dtype": dtype}
+    second: dict[str, Any] = {}
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
         vae = None if options.vae else AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+        if is_sdxl_folder(path):
+            second = {
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path / "text_encoder_2", local_files_only=True, dtype=dtype),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(path / "tokenizer_2", local_files_only=True),
+            }
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlrtError(f"model folder {path} could not be loaded: {first}") from None
     if vae is None:
         vae = load_vae(options.vae, model_vae_config=path, latent_channels=unet.config.in_channels, dtype=dtype)
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}, scheduler_config, path
+    modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, **second}
+    return modules, scheduler_config, path
 
 
 def _load_file(path: Path, dtype: torch.dtype, options: ModelOptions) -> tuple[dict[str, Any], dict[str, Any], Path]:
@@ -212,5 +261,6 @@ def _load_file(path: Path, dtype: torch.dtype, options: ModelOptions) -> tuple[d
         unet_config = json.loads((config / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = load_vae(options.vae, model_vae_config=config, latent_channels=unet_config["in_channels"], dtype=dtype)
     pipe, scheduler_config = load_checkpoint(path, arch=arch, config=config, dtype=dtype, vae=vae)
-    modules = {name: getattr(pipe, name) for name in ("unet", "vae", "text_encoder", "tokenizer")}
+    names = ("unet", "vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if arch.is_sdxl else ())
+    modules = {name: getattr(pipe, name) for name in names}
     return modules, scheduler_config, config

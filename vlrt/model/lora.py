@@ -7,8 +7,13 @@ of every weight) changes with each LoRA and scale, and an engine of another scal
 rather than exported again (`vlrt.export.reweight`). The scale multiplies the LoRA's delta as the
 WebUI's `<lora:name:scale>` does (with the file's alpha/rank factor).
 
-A LoRA made for another architecture fails with diffusers' reason (no module of that name, or a
-shape mismatch); one none of whose keys reach a module is refused too.
+SDXL LoRAs (kohya's `lora_unet_…`, `lora_te1_…`, `lora_te2_…` keys, or diffusers') go into the
+UNet and both text encoders, through `StableDiffusionXLPipeline.load_lora_weights`.
+
+A LoRA made for another architecture is refused before loading when its cross-attention keys say
+so (their input width is the model family's: 768 SD 1.x, 1024 SD 2.x, 2048 SDXL); otherwise it fails
+with diffusers' reason (no module of that name, or a shape mismatch); one none of whose keys reach
+a module is refused too.
 
 A prompt's `<lora:NAME:SCALE>` tags name LoRAs too: NAME.safetensors found under `--lora-dir`
 (subfolders included, as the WebUI searches its models/Lora). They are fused once for the whole
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 
 from vlrt.errors import VlrtError
+from vlrt.model.checkpoints import family, read_shapes
 from vlrt.model.prompt_syntax import LoraTag, split_lora_tags
 
 
@@ -100,20 +106,43 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+CROSS_ATTENTION_KEYS = ("attn2_to_k.lora_down.weight", "attn2.to_k.lora_down.weight", "attn2.to_k.lora_A.weight")
+
+
+def lora_width(path: Path) -> int | None:
+    """The cross-attention width a LoRA was trained for (the input size of its attn2 key projections), if it has any."""
+    for key, shape in read_shapes(path).items():
+        if key.endswith(CROSS_ATTENTION_KEYS) and "unet" in key and len(shape) == 2:
+            return int(shape[1])
+    return None
+
+
+def _check_family(path: Path, width: int) -> None:
+    found = lora_width(path)
+    if found is not None and found != width:
+        raise VlrtError(
+            f"LoRA {path} is for {family(found)} but the model is {family(width)}: use a LoRA made for this model's architecture"
+        )
+
+
 def apply_loras(modules: dict[str, Any], scheduler_config: dict[str, Any], specs: list[LoraSpec]) -> list[dict[str, Any]]:
-    """Fuse each LoRA into `modules` (unet, vae, text_encoder, tokenizer) in place; what was applied, with file hashes."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    """Fuse each LoRA into `modules` (unet, vae, text_encoder(s), tokenizer(s)) in place; what was applied, with file hashes."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if not specs:
         return []
-    pipe = StableDiffusionPipeline(
-        **modules, scheduler=PNDMScheduler.from_config(scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    scheduler = PNDMScheduler.from_config(scheduler_config)
+    if "text_encoder_2" in modules:
+        pipe = StableDiffusionXLPipeline(**modules, scheduler=scheduler, add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(
+            **modules, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
     applied = []
     for i, spec in enumerate(specs):
         if not spec.path.is_file():
             raise VlrtError(f"LoRA {spec.path} does not exist: check the --lora path")
+        _check_family(spec.path, int(modules["unet"].config.cross_attention_dim))
         name = f"lora{i}"
         try:
             pipe.load_lora_weights(str(spec.path), adapter_name=name)

@@ -1,4 +1,4 @@
-"""Text embeddings of WebUI-syntax prompts: chunked, weighted, CLIP skip, per sampling step, cached.
+"""Text embeddings of WebUI-syntax texts with one text encoder: chunked, weighted, CLIP skip, cached.
 
 What the WebUI does, from its documented behaviour:
 - Every 75-token chunk (`prompt_syntax.chunk_prompt`) becomes start token + tokens + end token,
@@ -7,64 +7,45 @@ What the WebUI does, from its documented behaviour:
   prompt of k chunks gives [1, 77·k, D].
 - CLIP skip N (1 = the last layer): for N > 1 the hidden state N layers from the end (2 = the
   penultimate layer's output) followed by the encoder's final layer norm. diffusers' own
-  `clip_skip` argument counts one less.
+  `clip_skip` argument counts one less. SDXL's encoders take their layer without the final
+  layer norm (`final_norm=False`), as SDXL was trained.
+- An encoder with a projection (SDXL's second, OpenCLIP-G) also gives a pooled embedding: that of
+  the prompt's first chunk, unweighted, as the WebUI takes it (`pooled`).
 - Weights multiply each token's embedding; the chunk is then rescaled so that the mean of all
   its values is what it was before weighting (z *= w; z *= mean_before / mean_after).
-- A prompt and negative prompt of different chunk counts are padded to the same length with
-  the empty prompt's chunk (the WebUI's "pad prompt/negative prompt to be same length"), so both
-  CFG rows of a job share one UNet call. The WebUI's default since 1.6 evaluates them separately
-  at their own lengths instead; with padding the shorter one attends to a few more empty tokens.
-- Prompt editing and alternation (`prompt_schedule`) give a prompt several texts over the sampling
-  steps; each is encoded, and all texts of a job's prompt and negative prompt are padded to one
-  length, so a job's UNet rows keep their shape from step to step (and batch with other jobs').
 - A textual-inversion embedding's vectors replace the token embeddings of its placeholders, before
-  the position embeddings are added, as diffusers' `load_textual_inversion` makes them do.
+  the position embeddings are added, as diffusers' `load_textual_inversion` makes them do; an
+  encoder takes the vectors of its `slot` (SDXL's `clip_l` and `clip_g`).
 
-A prompt of plain text (no syntax, at most 75 tokens) gives exactly what diffusers' pipeline
-computes, which the exactness tests against diffusers rely on.
+Prompt editing, the prompt/negative padding and SDXL's added inputs are `conditioning`'s. A prompt
+of plain text (no syntax, at most 75 tokens) gives exactly what diffusers' pipeline computes, which
+the exactness tests against diffusers rely on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.model.prompt_schedule import entry_at, prompt_schedule, refuse_composition
 from vlrt.model.prompt_syntax import Chunk, chunk_prompt, parse_prompt
-from vlrt.model.textual_inversion import EmbeddingFile, EmbeddingMatcher, Vectors
+from vlrt.model.textual_inversion import ONE_ENCODER, EmbeddingFile, EmbeddingMatcher, Vectors
 
 CHUNK_LENGTH = 77  # 75 tokens + start + end: CLIP's context
 
 
-@dataclass(frozen=True)
-class StepEmbeddings:
-    """A prompt's text embeddings over the sampling steps: `tensors[i]` serves step k (0-based, from
-    a job's first step) up to `ends[i]` (`prompt_schedule`'s rule); all of one shape."""
-
-    ends: tuple[int, ...]
-    tensors: tuple[torch.Tensor, ...]
-
-    def at(self, k: int) -> torch.Tensor:
-        return self.tensors[entry_at(self.ends, k)]
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.tensors[0].shape
-
-
 class PromptEncoder:
-    """Embeds prompts with one model's tokenizer and text encoder; one result per distinct text."""
+    """Embeds texts with one model's tokenizer and text encoder; one result per distinct text."""
 
     def __init__(
         self, tokenizer: Any, text_encoder: torch.nn.Module, device: torch.device, clip_skip: int = 1,
-        embeddings: list[EmbeddingFile] = (),
+        final_norm: bool = True, embeddings: list[EmbeddingFile] = (), slot: str = ONE_ENCODER,
     ) -> None:
-        """`embeddings`: the textual-inversion files prompts may name (`textual_inversion.read_folder`)."""
+        """`embeddings`: the textual-inversion files prompts may name (`textual_inversion.read_folder`),
+        of which this encoder takes the vectors under `slot`."""
         layers = int(text_encoder.config.num_hidden_layers)
         if not 1 <= clip_skip <= layers:
             raise VlrtError(f"clip_skip {clip_skip} is out of range: this text encoder has {layers} layers (use 1 to {layers})")
@@ -72,41 +53,33 @@ class PromptEncoder:
         self.text_encoder = text_encoder
         self.device = device
         self.clip_skip = clip_skip
+        self.final_norm = final_norm
         # Keyed on the text and the sha256 of the embedding files it names: a text means other vectors with other files.
-        self._cache: dict[tuple[str, tuple[str, ...]], torch.Tensor] = {}
+        self._cache: dict[tuple[str, tuple[str, ...]], tuple[torch.Tensor, torch.Tensor | None]] = {}
         commas = tokenizer(",", add_special_tokens=False).input_ids
         self.comma = commas[0] if len(commas) == 1 else None
         self.use_mask = bool(getattr(text_encoder.config, "use_attention_mask", False))
         width = text_encoder.get_input_embeddings().embedding_dim
-        self.embeddings = EmbeddingMatcher(list(embeddings), self._tokenize, width) if embeddings else None
+        self.embeddings = EmbeddingMatcher(list(embeddings), self._tokenize, width, slot) if embeddings else None
 
     def __call__(self, text: str) -> torch.Tensor:
         """Embeddings [1, 77·chunks, D] of one text (no prompt editing left in it), computed once."""
+        return self._cached(text)[0]
+
+    def pooled(self, text: str) -> torch.Tensor:
+        """The projected pooled embedding [1, P] of the text's first chunk (encoders with a projection only)."""
+        pooled = self._cached(text)[1]
+        if pooled is None:
+            raise ValueError(f"{type(self.text_encoder).__name__} has no projection, so no pooled embedding")
+        return pooled
+
+    def _cached(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         chunks = self.chunks(text)
         key = (text, tuple(v.sha256 for chunk in chunks for _, v in chunk.fixes))
         cached = self._cache.get(key)
         if cached is None:
             cached = self._cache[key] = self._encode(chunks)
         return cached
-
-    def pair(self, prompt: str, negative: str, steps: int) -> tuple[StepEmbeddings, StepEmbeddings]:
-        """(cond, uncond) of one job over a schedule of `steps` steps (`prompt_schedule`), every text
-        padded with empty-prompt chunks to the longest one's length."""
-        refuse_composition(prompt)
-        schedules = [prompt_schedule(prompt, steps), prompt_schedule(negative, steps)]
-        encoded = [[self(text) for _, text in schedule] for schedule in schedules]
-        longest = max(z.shape[1] for texts in encoded for z in texts)
-        empty = self("")
-
-        def padded(z: torch.Tensor) -> torch.Tensor:
-            missing = (longest - z.shape[1]) // CHUNK_LENGTH
-            return torch.cat([z, empty.repeat(1, missing, 1)], dim=1) if missing else z
-
-        cond, uncond = (
-            StepEmbeddings(tuple(end for end, _ in schedule), tuple(padded(z) for z in texts))
-            for schedule, texts in zip(schedules, encoded)
-        )
-        return cond, uncond
 
     def chunks(self, text: str) -> list[Chunk]:
         """The text's token chunks (before start/end tokens and padding), embeddings' vectors in place."""
@@ -116,7 +89,7 @@ class PromptEncoder:
         return list(self.tokenizer(text, add_special_tokens=False, truncation=False).input_ids)
 
     @torch.inference_mode()
-    def _encode(self, chunks: list[Chunk]) -> torch.Tensor:
+    def _encode(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
         bos, eos, pad = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         ids, weights, masks = [], [], []
         for chunk in chunks:
@@ -126,19 +99,25 @@ class PromptEncoder:
             masks.append([1] * (CHUNK_LENGTH - fill) + [0] * fill)
         mask = torch.tensor(masks, device=self.device) if self.use_mask else None
         with _token_vectors(self.text_encoder, [chunk.fixes for chunk in chunks]):
-            z = self._hidden(torch.tensor(ids, device=self.device), mask).float()
+            z, pooled = self._hidden(torch.tensor(ids, device=self.device), mask)
+        z = z.float()
         w = torch.tensor(weights, dtype=torch.float32, device=z.device)
         if not bool((w == 1.0).all()):
             z = torch.stack([_weighted(zc, wc) for zc, wc in zip(z, w)])
-        return z.reshape(1, -1, z.shape[-1]).cpu()
+        return z.reshape(1, -1, z.shape[-1]).cpu(), None if pooled is None else pooled[:1].float().cpu()
 
-    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The text encoder's output for each chunk, `clip_skip` layers from the end."""
-        if self.clip_skip == 1:
-            return self.text_encoder(input_ids, attention_mask=mask)[0]
+    def _hidden(self, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text encoder's output for each chunk, `clip_skip` layers from the end, and its pooled
+        projection per chunk where it has one."""
         out = self.text_encoder(input_ids, attention_mask=mask, output_hidden_states=True)
+        pooled = getattr(out, "text_embeds", None)
+        if self.clip_skip == 1 and self.final_norm:
+            return out.last_hidden_state, pooled
+        hidden = out.hidden_states[-self.clip_skip]
+        if not self.final_norm:
+            return hidden, pooled
         final_norm = getattr(self.text_encoder, "text_model", self.text_encoder).final_layer_norm
-        return final_norm(out.hidden_states[-self.clip_skip])
+        return final_norm(hidden), pooled
 
 
 @contextmanager

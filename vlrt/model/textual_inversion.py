@@ -17,10 +17,13 @@ and what vlrt does the same way:
   between chunks (a chunk that cannot hold them all ends early), and emphasis weights them like
   the words around them.
 
+On SDXL, CLIP-L takes a file's `clip_l` vectors and OpenCLIP-G its `clip_g` vectors (`slot`).
+
 Where vlrt differs: a name used by a prompt whose file cannot be read, is of another width than
-the text encoder's, holds more than 75 vectors, or is the name of two files, is an error naming
-the file (the WebUI skips such files and leaves the name as text); files no prompt names are never
-a problem. Every file is read once, when the model loads, and its sha256 is taken from the same
+the text encoder's (or for another family: a one-encoder file on SDXL, an SDXL pair on SD 1.x/2.x),
+holds more than 75 vectors (an SDXL pair: as many `clip_l` as `clip_g` ones), or is the name of two
+files, is an error naming the file (the WebUI skips such files and leaves the name as text); files
+no prompt names are never a problem. Every file is read once, when the model loads, and its sha256 is taken from the same
 bytes, so what the settings file records is what was used.
 """
 
@@ -37,7 +40,8 @@ import torch
 from vlrt.errors import VlrtError
 
 EXTENSIONS = (".pt", ".bin", ".safetensors")
-ONE_ENCODER = ""  # the key of a one-encoder file's vectors; SDXL's pair uses "clip_l" and "clip_g"
+ONE_ENCODER = ""  # the key of a one-encoder file's vectors
+CLIP_L, CLIP_G = "clip_l", "clip_g"  # the keys of SDXL's pair: its CLIP-L's and its OpenCLIP-G's vectors
 MAX_VECTORS = 75
 
 
@@ -107,8 +111,8 @@ def _vectors(data: object) -> dict[str, torch.Tensor]:
         if not isinstance(params, dict) or len(params) != 1:
             raise ValueError("its string_to_param does not hold exactly one tensor")
         found = {ONE_ENCODER: next(iter(params.values()))}
-    elif "clip_l" in data and "clip_g" in data:
-        found = {"clip_l": data["clip_l"], "clip_g": data["clip_g"]}
+    elif CLIP_L in data and CLIP_G in data:
+        found = {CLIP_L: data[CLIP_L], CLIP_G: data[CLIP_G]}
     elif "emb_params" in data:
         found = {ONE_ENCODER: data["emb_params"]}
     elif len(data) == 1:
@@ -119,6 +123,8 @@ def _vectors(data: object) -> dict[str, torch.Tensor]:
         if not isinstance(value, torch.Tensor) or value.dim() not in (1, 2) or not value.is_floating_point():
             raise ValueError("its vectors are not a 1- or 2-dimensional float tensor")
         found[key] = value.detach().float().reshape(-1, value.shape[-1])
+    if len({value.shape[0] for value in found.values()}) > 1:
+        raise ValueError("its clip_l and clip_g hold different numbers of vectors")
     return found
 
 
@@ -157,12 +163,12 @@ class EmbeddingMatcher:
             raise VlrtError(f"embedding {f.name} ({f.path}) could not be read: {f.problem}; replace the file or leave {f.name} out of the prompt")
         vectors = f.vectors.get(self.slot)
         if vectors is None:
-            kind = "an SDXL embedding (clip_l and clip_g)" if "clip_g" in f.vectors else "for a one-encoder model"
+            kind = "an SDXL embedding (clip_l and clip_g)" if CLIP_G in f.vectors else "for a one-encoder model (SD 1.x/2.x)"
             raise VlrtError(f"embedding {f.name} ({f.path}) is {kind}, not for this model: use one made for it")
         if vectors.shape[-1] != self.width:
             raise VlrtError(
                 f"embedding {f.name} ({f.path}) has vectors {vectors.shape[-1]} wide, but this model's text encoder takes "
-                f"{self.width} (768: SD 1.x, 1024: SD 2.x): use an embedding made for this model, or leave {f.name} out of the prompt"
+                f"{self.width} (768: SD 1.x, 1024: SD 2.x; SDXL's clip_l 768 and clip_g 1280): use an embedding made for this model, or leave {f.name} out of the prompt"
             )
         if vectors.shape[0] > MAX_VECTORS:
             raise VlrtError(f"embedding {f.name} ({f.path}) has {vectors.shape[0]} vectors, more than a chunk's {MAX_VECTORS}")

@@ -3,9 +3,10 @@
 Accepted: a diffusers VAE folder (`config.json` + weights), a diffusers model folder (its `vae/`),
 or a single `.safetensors`/`.ckpt` file in the original layout (with or without the
 `first_stage_model.` prefix, as VAEs are shared for SD) or in diffusers' layout; or a tiny
-autoencoder (TAESD, `tiny_vae.py`). A single file
-has no config: it is read with the model's own VAE config, since SD 1.x and 2.x VAEs share
-one architecture. Its latent channels must be the UNet's, or the run would fail deep inside.
+autoencoder (TAESD, `tiny_vae.py`). A single file has no config: it is read with the model's own
+VAE config, since SD 1.x, 2.x and SDXL VAEs share one architecture (SDXL's scaling factor, 0.13025,
+and its `force_upcast` come with the model's config). Its latent channels must be the UNet's, or
+the run would fail deep inside.
 """
 
 from __future__ import annotations

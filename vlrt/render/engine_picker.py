@@ -32,6 +32,7 @@ from vlrt.engines.base import (
     CONTROLNET,
     FASTDVDNET_BLOCK1,
     FASTDVDNET_BLOCK2,
+    SDXL_CONDITIONING,
     UNET,
     UNET_CONTROL,
     VAE_DECODER,
@@ -40,6 +41,7 @@ from vlrt.engines.base import (
     EngineSet,
     control_names,
     residual_names,
+    unet_names,
 )
 from vlrt.engines.modules import (
     ControlNetModule,
@@ -52,6 +54,7 @@ from vlrt.engines.modules import (
 from vlrt.engines.token_lengths import TokenLengthEngine
 from vlrt.engines.torch_engine import TorchEngine
 from vlrt.errors import VlrtError
+from vlrt.model.conditioning import time_ids
 from vlrt.model.controlnet import residual_shapes
 from vlrt.model.loading import Model
 from vlrt.model.prompt_embeddings import CHUNK_LENGTH
@@ -84,21 +87,24 @@ class Network:
 
 
 def sd_networks(model: Model, height: int, width: int) -> list[Network]:
-    """The UNet and the VAE's two halves at this resolution (a tiny VAE's encoder gives its latents)."""
+    """The UNet and the VAE's two halves at this resolution; an SDXL UNet takes its added conditioning too
+    (a tiny VAE's encoder gives its latents)."""
     h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
     c = model.latent_channels
     tokens = CHUNK_LENGTH
+    unet = {
+        "sample": torch.randn(1, c, h, w),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, tokens, model.cross_attention_dim),
+    }
+    names = None
+    if model.is_sdxl:
+        pooled = int(model.text_encoder_2.config.projection_dim)
+        unet |= {"text_embeds": torch.randn(1, pooled), "time_ids": time_ids(height, width)}
+        names = unet_names(SDXL_CONDITIONING)
     encoder = TinyVaeEncoderModule if model.tiny_vae else VaeEncoderModule
     return [
-        Network(
-            UNET,
-            UNetModule(model.unet),
-            {
-                "sample": torch.randn(1, c, h, w),
-                "timestep": torch.tensor([500.0]),
-                "encoder_hidden_states": torch.randn(1, tokens, model.cross_attention_dim),
-            },
-        ),
+        Network(UNET, UNetModule(model.unet), unet, names),
         Network(VAE_ENCODER, encoder(model.vae), {"image": torch.rand(1, 3, height, width) * 2 - 1}),
         Network(VAE_DECODER, VaeDecoderModule(model.vae), {"latent": torch.randn(1, c, h, w)}),
     ]
@@ -155,11 +161,15 @@ def precision_for(backend: str, device: torch.device, asked: str) -> str:
 VAE_FP32_MIN_MEMORY = 16 * 2**30  # bytes of GPU memory from which `auto` runs the VAE in fp32
 
 
-def vae_precision_for(device: torch.device, asked: str, precision: str) -> str:
+def vae_precision_for(device: torch.device, asked: str, precision: str, overflows: bool = False) -> str:
     """The VAE's precision: `auto` is fp32 on a GPU with room for its fp32 activations (a NaN in
-    fp16 decodes to a black frame that feeds the next loop pass), else the engines' `precision`."""
+    fp16 decodes to a black frame that feeds the next loop pass), else the engines' `precision`;
+    fp32 always for a VAE that `overflows` in fp16 (SDXL's, whose config says `force_upcast`; the
+    fp16-fix VAE's does not)."""
     if asked != "auto":
         return asked
+    if overflows:
+        return "fp32"
     if device.type == "cuda" and torch.cuda.get_device_properties(device).total_memory >= VAE_FP32_MIN_MEMORY:
         return "fp32"
     return precision
@@ -392,11 +402,12 @@ def open_engines(
     control = control_networks(model, controlnets, height, width) if model is not None and controlnets else []
     if control:
         networks = [control[0], *networks[1:]]
+    overflows = model is not None and model.is_sdxl and bool(getattr(model.vae.config, "force_upcast", False))
 
     def build(nets: list[Network]) -> dict[str, Engine]:
         return build_engines(
             nets, backend, device=device, max_batch=max_batch, precision=precision, engines_dir=engines_dir, log=log,
-            vae_precision=vae_precision_for(device, vae_precision, precision),
+            vae_precision=vae_precision_for(device, vae_precision, precision, overflows),
         )
 
     engines = build(networks)

@@ -56,7 +56,7 @@ def attention_layers(model: Model) -> list[Attention]:
 
 def estimate_bytes(model: Model, width: int, height: int, rows: int, backend: str, bytes_per_value: int) -> int:
     """Peak memory of rendering `width`×`height` frames in engine calls of `rows` rows."""
-    weights = sum(p.numel() for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()) * bytes_per_value
+    weights = sum(p.numel() for m in (model.unet, model.vae, *model.text_encoders) for p in m.parameters()) * bytes_per_value
     attention = 0
     if backend in MATERIALISED_ATTENTION:
         for layer in attention_layers(model):
@@ -65,6 +65,14 @@ def estimate_bytes(model: Model, width: int, height: int, rows: int, backend: st
     channels = max(model.vae.config.block_out_channels)
     activations = rows * channels * width * height * bytes_per_value * ACTIVATION_COPIES
     return weights + max(attention, activations)
+
+
+def _resident_bytes(model: Model, backend: str) -> int:
+    """The model's weights already in memory that the torch backend runs in place (`estimate_bytes` counts them as
+    needed, and the memory measured now no longer has them: SDXL's are 13 GB in fp32). Other backends load copies."""
+    if backend != "torch":
+        return 0
+    return sum(p.numel() * p.element_size() for m in (model.unet, model.vae, *model.text_encoders) for p in m.parameters())
 
 
 def available_bytes(device: torch.device) -> int:
@@ -113,7 +121,7 @@ def fit_render_size(
             log(f"vlrt: the demo model renders {width}×{height} input at {fitted[0]}×{fitted[1]} to stay within "
                 f"{DEMO_BUDGET / GIB:g} GB (--width/--height choose a size)")
             width, height = fitted
-    free = available_bytes(device) if available is None else available
+    free = available if available is not None else available_bytes(device) + _resident_bytes(model, backend)
     needed = need(width, height)
     if needed > free:
         fitted = largest_fitting(need, width, height, multiple, free)

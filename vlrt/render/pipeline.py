@@ -106,6 +106,20 @@ def frame_size(settings: Settings, source_w: int, source_h: int, multiple: int) 
     return sizes[0], sizes[1]
 
 
+SDXL_AREA = 1024 * 1024  # the area SDXL models are trained at (at several aspect ratios)
+
+
+def sdxl_size_warning(model: Model, width: int, height: int) -> str | None:
+    """One line when an SDXL render is far below SDXL's area (under half of 1024²), where its pictures fall
+    apart; the render size keeps the source size rule all the same."""
+    if not model.is_sdxl or width * height >= SDXL_AREA // 2:
+        return None
+    return (
+        f"vlrt: warning: {width}×{height} is {width * height / SDXL_AREA:.0%} of the 1024×1024 area SDXL models are "
+        "trained at: expect broken pictures, or pass --width/--height nearer it (e.g. 1024×576 for 16:9, 896×1152 for 3:4)"
+    )
+
+
 def fastdvdnet_network(weights: str, allow_random: bool, log: Callable[[str], None]) -> nn.Module:
     """FastDVDnet from the user's weights; random weights only for the demo, and said so."""
     from vlrt.fastdvdnet.checkpoint import load_fastdvdnet
@@ -570,9 +584,12 @@ def _settle(
         device=device, log=log,
     )
     settings = replace(settings, width=width, height=height)
+    warning = sdxl_size_warning(model, width, height)
+    if warning:
+        log(warning)
     resolver.check_all_first()
     first = resolver(0, 0)
-    model.encode_pair(first.prompt, first.negative_prompt, prompt_steps(settings.sampler_name, first.steps))
+    model.encode_pair(first.prompt, first.negative_prompt, prompt_steps(settings.sampler_name, first.steps), (height, width))
     return settings, Preparer(settings, info, width, height, model.device, cuts)
 
 

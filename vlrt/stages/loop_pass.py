@@ -159,7 +159,8 @@ class LoopPass(Stage):
         self, init: torch.Tensor, params: FrameParams, plan: InpaintPlan | None, control_maps: tuple[np.ndarray, ...]
     ) -> list[Img2ImgJob]:
         cond, uncond = self.model.encode_pair(
-            params.prompt, params.negative_prompt, prompt_steps(self.settings.sampler_name, params.steps)
+            params.prompt, params.negative_prompt, prompt_steps(self.settings.sampler_name, params.steps),
+            (init.shape[0], init.shape[1]),
         )
         control = control_inputs(
             self.settings.controlnet, [m if plan is None else plan.sd_view(m) for m in control_maps], init.device
