@@ -78,11 +78,6 @@ class Executor:
     def pending(self) -> int:
         return len(self.jobs) + self._in_flight
 
-    @property
-    def idle(self) -> bool:
-        """Jobs wait and no round is queued: `run_once` would start one and return at once."""
-        return bool(self.jobs) and not self._rounds
-
     def run_once(self) -> None:
         """Queue the next round (the jobs submitted since the last call, with every unfinished one);
         with two rounds queued, collect the older."""

@@ -214,21 +214,25 @@ class Pipeline:
                     moved = True
             if moved:
                 progress.update(written, [s.emitted for s in stages])
-                if self.executor.idle:  # jobs wait and no round is queued: start the device now
-                    self.executor.run_once()
+                if self.executor.jobs:  # new jobs: queue their round now, while the stages go on filling
+                    self._run_round(stages)
             elif self.executor.pending:
-                try:
-                    self.executor.run_once()
-                except (RuntimeError, OSError, ValueError) as exc:
-                    frames_in_work = sorted({s.emitted for s in stages if not s.finished})
-                    raise VlrtError(
-                        f"the engines failed while rendering frame {frames_in_work[0] if frames_in_work else '?'}: "
-                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; finished frames "
-                        "are kept: fix the cause and run the same command with --resume"
-                    ) from exc
+                self._run_round(stages)
             elif not stages[-1].finished:
                 raise RuntimeError("pipeline stalled with no pending work (a bug in a stage)")
         return written
+
+    def _run_round(self, stages: list[Stage]) -> None:
+        """`Executor.run_once`, an engine's failure made one line naming the frame at work."""
+        try:
+            self.executor.run_once()
+        except (RuntimeError, OSError, ValueError) as exc:
+            frames_in_work = sorted({s.emitted for s in stages if not s.finished})
+            raise VlrtError(
+                f"the engines failed while rendering frame {frames_in_work[0] if frames_in_work else '?'}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}; finished frames "
+                "are kept: fix the cause and run the same command with --resume"
+            ) from exc
 
 
 def render(
