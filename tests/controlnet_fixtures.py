@@ -32,3 +32,44 @@ def controlnet_pipeline(model, controlnet_dirs: list[Path], scheduler) -> Stable
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def assert_killed_render_resumes(run: tuple, tmp_path: Path) -> None:
+    """SIGKILL a render of `run` (source, args, reference frames) mid-way, then --resume: its frames
+    equal the uninterrupted render's bit for bit."""
+    import numpy as np
+    from conftest import read_frames
+    from test_resume import appears, kill_when, render_here
+
+    source, args, reference = run
+    out = tmp_path / "frames"
+    command = ["render", str(source), "-o", f"{out}/", *args]
+    kill_when(command, appears(out / "000005.png"), tmp_path / "log")
+    assert len(read_frames(out)) < len(reference)
+    render_here([*command, "--resume"])
+    got = read_frames(out)
+    assert len(got) == len(reference) == 12
+    for image, expected in zip(got, reference):
+        np.testing.assert_array_equal(image, expected)
+
+
+def assert_three_segments_give_one_render(run: tuple, tmp_path: Path) -> None:
+    """`--segments 3` on a local Ray instance gives the frames of one render made on one thread (as the
+    segment tasks compute)."""
+    from conftest import read_frames
+    from test_distributed import assert_same_frames
+
+    from vlrt.cli import main
+    from vlrt.scale.distributed import import_ray, one_thread, start_local_ray
+
+    source, args, _ = run
+    with one_thread():
+        assert main(["render", str(source), "-o", f"{tmp_path}/one/", *args]) == 0
+    ray = import_ray(local=True)
+    start_local_ray(ray, 2)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        assert main(["render", str(source), "-o", f"{tmp_path}/seg/", *args, "--segments", "3", "--ray", address]) == 0
+    finally:
+        ray.shutdown()
+    assert_same_frames(read_frames(tmp_path / "seg"), read_frames(tmp_path / "one"))

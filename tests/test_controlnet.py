@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_frames, write_frames
-from controlnet_fixtures import controlnet_pipeline, make_tiny_controlnet
+from controlnet_fixtures import (
+    assert_killed_render_resumes,
+    assert_three_segments_give_one_render,
+    controlnet_pipeline,
+    make_tiny_controlnet,
+)
 from PIL import Image
 
 from vlrt.demo.clip import sample_frames
@@ -244,38 +249,12 @@ def reference_run(controlnet_dirs, tmp_path_factory):
 
 def test_killed_controlnet_render_resumes_to_the_same_frames(reference_run, tmp_path):
     """SIGKILL mid-render, then --resume: the frames of the uninterrupted render, ControlNet and reference folder on."""
-    from test_resume import appears, kill_when, render_here
-
-    source, args, reference = reference_run
-    out = tmp_path / "frames"
-    command = ["render", str(source), "-o", f"{out}/", *args]
-    kill_when(command, appears(out / "000005.png"), tmp_path / "log")
-    assert len(read_frames(out)) < len(reference)
-    render_here([*command, "--resume"])
-    got = read_frames(out)
-    assert len(got) == len(reference) == 12
-    for image, expected in zip(got, reference):
-        np.testing.assert_array_equal(image, expected)
+    assert_killed_render_resumes(reference_run, tmp_path)
 
 
 def test_three_segments_with_controlnet_give_the_frames_of_one_render(reference_run, tmp_path):
     """--segments 3 on Ray: each segment reads its control images from the reference folder at its own start."""
-    from test_distributed import assert_same_frames
-
-    from vlrt.cli import main
-    from vlrt.scale.distributed import import_ray, one_thread, start_local_ray
-
-    source, args, _ = reference_run
-    with one_thread():  # the segment tasks compute on one thread; so must the reference
-        assert main(["render", str(source), "-o", f"{tmp_path}/one/", *args]) == 0
-    ray = import_ray(local=True)
-    start_local_ray(ray, 2)
-    try:
-        address = ray.get_runtime_context().gcs_address
-        assert main(["render", str(source), "-o", f"{tmp_path}/seg/", *args, "--segments", "3", "--ray", address]) == 0
-    finally:
-        ray.shutdown()
-    assert_same_frames(read_frames(tmp_path / "seg"), read_frames(tmp_path / "one"))
+    assert_three_segments_give_one_render(reference_run, tmp_path)
 
 
 def test_ort_equals_torch_and_batched_equals_unbatched(demo_model, controlnet_dirs, clip_folder, tmp_path):

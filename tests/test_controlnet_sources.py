@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import read_frames, write_frames
-from controlnet_fixtures import make_tiny_controlnet
+from controlnet_fixtures import assert_killed_render_resumes, assert_three_segments_give_one_render, make_tiny_controlnet
 
 from vlrt.demo.clip import sample_frames
 from vlrt.errors import VlrtError
@@ -111,38 +111,13 @@ def video_run(controlnet_dir, tmp_path_factory):
 
 
 def test_killed_render_with_a_control_video_resumes_to_the_same_frames(video_run, tmp_path):
-    from test_resume import appears, kill_when, render_here
-
-    source, args, reference = video_run
-    out = tmp_path / "frames"
-    command = ["render", str(source), "-o", f"{out}/", *args]
-    kill_when(command, appears(out / "000005.png"), tmp_path / "log")
-    assert len(read_frames(out)) < len(reference)
-    render_here([*command, "--resume"])  # starts the control video at the first frame still to render
-    got = read_frames(out)
-    assert len(got) == len(reference) == 12
-    for image, expected in zip(got, reference):
-        np.testing.assert_array_equal(image, expected)
+    """The resumed render starts the control video at the first frame still to render."""
+    assert_killed_render_resumes(video_run, tmp_path)
 
 
 def test_three_segments_with_a_control_video_give_the_frames_of_one_render(video_run, tmp_path):
     """Each segment seeks the control video to its own first frame."""
-    from test_distributed import assert_same_frames
-
-    from vlrt.cli import main
-    from vlrt.scale.distributed import import_ray, one_thread, start_local_ray
-
-    source, args, _ = video_run
-    with one_thread():
-        assert main(["render", str(source), "-o", f"{tmp_path}/one/", *args]) == 0
-    ray = import_ray(local=True)
-    start_local_ray(ray, 2)
-    try:
-        address = ray.get_runtime_context().gcs_address
-        assert main(["render", str(source), "-o", f"{tmp_path}/seg/", *args, "--segments", "3", "--ray", address]) == 0
-    finally:
-        ray.shutdown()
-    assert_same_frames(read_frames(tmp_path / "seg"), read_frames(tmp_path / "one"))
+    assert_three_segments_give_one_render(video_run, tmp_path)
 
 
 # --- annotator modules through controlnet_aux ---
