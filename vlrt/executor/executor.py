@@ -49,7 +49,7 @@ class Executor:
         self.control = control
         self.jobs: list[Img2ImgJob] = []  # submitted, not yet given to a round
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlrt-engines")
-        self._rounds: deque[Future[list[Img2ImgJob]]] = deque()  # queued or running, oldest first
+        self._queued: deque[Future[list[Img2ImgJob]]] = deque()  # queued or running, oldest first
         self._in_flight = 0  # given to rounds and not yet collected finished
         self.rounds = 0  # rounds queued so far: the stages' clock (a stage may pace its starts by it)
         self._carry: list[Img2ImgJob] = []  # the engine thread's own: the last round's unfinished jobs
@@ -80,26 +80,18 @@ class Executor:
 
     def run_once(self) -> None:
         """Queue the next round (the jobs submitted since the last call, with every unfinished one);
-        with two rounds queued, collect the older."""
+        with two rounds queued, collect the older. An engine's error is raised here, on the driver's thread."""
         if self.jobs or self._in_flight:
             new, self.jobs = self.jobs, []
             self._in_flight += len(new)
-            self._rounds.append(self._thread.submit(self._round, new))
+            self._queued.append(self._thread.submit(self._round, new))
             self.rounds += 1
-        if len(self._rounds) > 1:
-            self._collect()
-
-    def wait(self) -> None:
-        """Run rounds until every submitted job is finished and collected. An engine's error is raised
-        here (and in `run_once`), on the driver's thread."""
-        while self.pending:
-            self.run_once()
-        while self._rounds:
+        if len(self._queued) > 1:
             self._collect()
 
     def _collect(self) -> None:
         """Wait for the oldest round and mark the jobs it finished done."""
-        finished = self._rounds.popleft().result()
+        finished = self._queued.popleft().result()
         for job in finished:
             job.done = True
         self._in_flight -= len(finished)
