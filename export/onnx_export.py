@@ -20,8 +20,14 @@ Why the choices:
   value share one), which is what re-weighting an export for new LoRA weights needs
   (`reweight.py`). ONNX Runtime and TensorRT fold these constants themselves when they load the
   graph, so inference costs the same.
-- Models whose protobuf would pass 2 GB (the SD 1.5 UNet in fp32: 3.4 GB) are written with
-  ONNX external data in one file beside the model, `<name>.data` (`model.onnx.data`).
+- The graph is traced without its weights (`export_params=False`: they come out as graph inputs
+  named after their parameters) and the weights are then written tensor by tensor from the
+  module (`_attach_weights`). The exporter would otherwise hold the module, a serialized copy of
+  every weight, and a parsed copy of that at once (three times the weights: 31 GB for SDXL's
+  UNet in fp32, more than many machines have); this way the peak is the module and one tensor.
+- Models whose weights would pass protobuf's 2 GB (the SD 1.5 UNet in fp32: 3.4 GB) are written
+  with ONNX external data in one file beside the model, `<name>.data` (`model.onnx.data`), each
+  tensor at a 4 KiB-aligned offset so that runtimes can map it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from vlrt.engines.base import INPUT_NAMES, OUTPUT_NAMES
@@ -47,6 +54,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16}
 BATCH_AXIS = "batch"
+EMBEDDED_LIMIT = 2**31 - 2**27  # weights past this go to external data: protobuf's 2 GiB, less room for the graph
+EXTERNAL_ALIGNMENT = 4096
 FP32_OPS = frozenset({"InstanceNormalization", "GroupNormalization", "LayerNormalization", "Softmax"})
 
 
@@ -88,8 +97,6 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with progress(f"exporting {component} to ONNX ({precision}, opset {opset})"):
-        # The exporter writes external data as one file per tensor beside its output, so export
-        # into a scratch folder on the same disk and move or consolidate from there.
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
             raw = Path(scratch) / "model.onnx"
             # The exporter's shape inference loses some static output sizes (the VAE encoder's);
@@ -110,8 +117,14 @@ def export_onnx(
                     opset_version=opset,
                     do_constant_folding=False,
                     dynamo=False,
+                    export_params=False,
                 )
-            _place(Path(scratch), raw, path, [shape[1:] for shape in shapes[0]], fp32_islands=precision == "fp16")
+            model = onnx.load(str(raw))
+    _set_output_sizes(model, [shape[1:] for shape in shapes[0]])
+    if precision == "fp16":
+        compute_in_fp32(model.graph, FP32_OPS)
+    with progress(f"writing {path.name}"):
+        _attach_weights(model, traced, inputs, path)
     with progress(f"checking {path.name}"):
         onnx.checker.check_model(str(path))  # by path, so that external data and > 2 GB work
 
@@ -158,21 +171,48 @@ def _removing(handle: torch.utils.hooks.RemovableHandle) -> Iterator[None]:
         handle.remove()
 
 
-def _place(scratch: Path, raw: Path, path: Path, output_rests: list[tuple[int, ...]], fp32_islands: bool) -> None:
-    """Write the export to `path` with static output sizes after the batch axis (and, for fp16,
-    the `FP32_OPS` in float32).
-
-    Where the exporter spilled weights into one file per tensor (models over 2 GB), they are
-    gathered into one external data file, `<path>.data`.
-    """
-    external = any(p != raw for p in scratch.iterdir())
-    model = onnx.load(str(raw))  # loads per-tensor files from the scratch folder too
+def _set_output_sizes(model: onnx.ModelProto, output_rests: list[tuple[int, ...]]) -> None:
+    """Give every output its static sizes after the batch axis."""
     for output, rest in zip(model.graph.output, output_rests, strict=True):
         for dim, size in zip(output.type.tensor_type.shape.dim[1:], rest, strict=True):
             dim.dim_value = size  # replaces a symbolic size
-    if fp32_islands:
-        compute_in_fp32(model.graph, FP32_OPS)
-    save_onnx(model, path, external)
+
+
+def _attach_weights(model: onnx.ModelProto, module: nn.Module, inputs: tuple[str, ...], path: Path) -> None:
+    """Turn the weight inputs of a graph traced with `export_params=False` into initializers and
+    write the model to `path`: inside the file, or, past protobuf's limit, in `<path>.data`,
+    written tensor by tensor from `module` so that no second copy of the weights is ever held.
+
+    The exporter names each weight input after its parameter or buffer (parameters of equal value
+    share the first one's input), which is what re-weighting (`reweight.py`) relies on.
+    """
+    tensors = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    weights = [value for value in model.graph.input if value.name not in inputs]
+    unknown = [value.name for value in weights if value.name not in tensors]
+    if unknown:
+        raise ValueError(f"the traced graph takes inputs that are neither feeds nor weights: {unknown[:5]}")
+    kept = [value for value in model.graph.input if value.name in inputs]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if sum(tensors[value.name].nbytes for value in weights) < EMBEDDED_LIMIT:
+        model.graph.initializer.extend(
+            numpy_helper.from_array(tensors[value.name].detach().cpu().numpy(), value.name) for value in weights
+        )
+        onnx.save_model(model, str(path))
+        return
+    with open(data, "wb") as out:
+        for value in weights:
+            array = tensors[value.name].detach().cpu().contiguous().numpy()
+            out.seek(-out.tell() % EXTERNAL_ALIGNMENT, 1)
+            init = onnx.TensorProto(name=value.name, dims=array.shape, data_type=value.type.tensor_type.elem_type)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for key, text in (("location", data.name), ("offset", out.tell()), ("length", array.nbytes)):
+                init.external_data.add(key=key, value=str(text))
+            out.write(array.tobytes())
+            model.graph.initializer.append(init)
+    onnx.save_model(model, str(path))
 
 
 def compute_in_fp32(graph: onnx.GraphProto, op_types: frozenset[str]) -> int:

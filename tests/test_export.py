@@ -20,7 +20,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from onnx import numpy_helper
 
-from vlrt.engines.base import UNET, VAE_DECODER, VAE_ENCODER
+from vlrt.engines.base import INPUT_NAMES, UNET, VAE_DECODER, VAE_ENCODER
 from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
 from vlrt.engines.ort_engine import OrtEngine
 from vlrt.engines.trt_engine import TrtEngine, refit_unet, trt_available
@@ -28,6 +28,7 @@ from vlrt.errors import VlrtError
 from vlrt.export.cache import EngineCache
 from vlrt.export.manifest import (
     MANIFEST_FILE,
+    ONNX_DATA_FILE,
     ONNX_FILE,
     PLAN_FILE,
     EngineKey,
@@ -35,6 +36,7 @@ from vlrt.export.manifest import (
     model_hash,
     read_manifest,
 )
+from vlrt.export import onnx_export
 from vlrt.export.onnx_export import check_onnx, export_onnx
 
 TRT_OK, TRT_WHY = trt_available()
@@ -185,6 +187,28 @@ def test_ort_engine_runs_the_fp16_export(modules, onnx_files):
     want = run_torch(modules[UNET], inputs)
     assert got.dtype == torch.float32
     assert (got - want).abs().max().item() <= 2e-2 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_weights_past_the_limit_go_to_one_aligned_data_file(modules, onnx_files, tmp_path, monkeypatch, precision):
+    """The path the SD 1.5 and SDXL UNets take (over 2 GB), shown on the tiny UNet with the limit lowered:
+    one data file beside the model, every tensor at an aligned offset, the same function as the
+    embedded export, and every initializer named after its parameter (what re-weighting needs)."""
+    monkeypatch.setattr(onnx_export, "EMBEDDED_LIMIT", 0)
+    path = tmp_path / ONNX_FILE
+    export_onnx(UNET, modules[UNET], feed(UNET, 2), path, precision=precision)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [ONNX_FILE, ONNX_DATA_FILE]
+    graph = onnx.load(str(path), load_external_data=False).graph
+    assert graph.initializer and all(i.data_location == onnx.TensorProto.EXTERNAL for i in graph.initializer)
+    offsets = [int({e.key: e.value for e in i.external_data}["offset"]) for i in graph.initializer]
+    assert all(offset % 4096 == 0 for offset in offsets) and len(set(offsets)) == len(offsets)
+    assert {i.name for i in graph.initializer} <= set(modules[UNET].state_dict())
+    assert [i.name for i in graph.input] == list(INPUT_NAMES[UNET])
+    embedded = onnx_files[UNET if precision == "fp32" else "unet_fp16"]
+    inputs = feed(UNET, 3, seed=4)
+    got = OrtEngine(UNET, path, max_batch=4, device=torch.device("cpu"))(**inputs)["noise_pred"]
+    want = OrtEngine(UNET, embedded, max_batch=4, device=torch.device("cpu"))(**inputs)["noise_pred"]
+    assert torch.equal(got, want)
 
 
 def test_chunking_at_max_batch_equals_one_call(onnx_files):
