@@ -86,9 +86,10 @@ class ControlRunner:
         self.names = residual_names(len(shapes))
 
     def residuals(
-        self, jobs: Sequence[Img2ImgJob], sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, jobs: Sequence[Img2ImgJob], sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """The summed residuals of every row of `jobs` (their UNet rows, in order, are `sample` …)."""
+        """The summed residuals of every row of `jobs` (their UNet rows, in order, are `sample` …); each
+        unit's engine takes the rows' `conditioning` as the UNet does (text embeddings; SDXL's pooled and sizes too)."""
         rows = sample.shape[0]
         total = {name: torch.zeros(rows, *shape, device=sample.device) for name, shape in zip(self.names, self.shapes)}
         for unit, engine in enumerate(self.engines):
@@ -105,7 +106,7 @@ class ControlRunner:
             out = engine(
                 sample=sample[on],
                 timestep=timestep[on],
-                encoder_hidden_states=encoder_hidden_states[on],
+                **{name: value[on] for name, value in conditioning.items()},
                 controlnet_cond=torch.cat(images)[on],
                 conditioning_scale=scale[on],
             )
