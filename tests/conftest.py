@@ -50,6 +50,21 @@ def tiny8_model(tiny8_dir):
     return load_model(str(tiny8_dir), torch.device("cpu"))
 
 
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL folder (tiny_sdxl.py)."""
+    from tiny_sdxl import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(sdxl_dir):
+    from vlrt.model.loading import load_model
+
+    return load_model(str(sdxl_dir), torch.device("cpu"))
+
+
 def write_frames(folder: Path, frames: list[np.ndarray], pattern: str = "{:04d}.png") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, frame in enumerate(frames):

@@ -1,11 +1,11 @@
-"""Tiny random ControlNets for tests, built from a model's UNet, and diffusers' ControlNet img2img pipeline as the reference."""
+"""Tiny random ControlNets for tests, built from a model's UNet (SD or SDXL), and diffusers' ControlNet img2img pipelines as the reference."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline
+from diffusers import ControlNetModel, StableDiffusionControlNetImg2ImgPipeline, StableDiffusionXLControlNetImg2ImgPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 
@@ -22,14 +22,23 @@ def make_tiny_controlnet(model, folder: Path, seed: int) -> Path:
     return folder
 
 
-def controlnet_pipeline(model, controlnet_dirs: list[Path], scheduler) -> StableDiffusionControlNetImg2ImgPipeline:
-    """diffusers' ControlNet img2img pipeline on the model's own modules (one ControlNet, or several as MultiControlNetModel)."""
+def controlnet_pipeline(model, controlnet_dirs: list[Path], scheduler):
+    """diffusers' ControlNet img2img pipeline on the model's own modules (one ControlNet, or several as
+    MultiControlNetModel): StableDiffusionControlNetImg2ImgPipeline, or StableDiffusionXLControlNetImg2ImgPipeline
+    for an SDXL model (no aesthetic score, an empty negative prompt zeroed, no watermark)."""
     nets = [ControlNetModel.from_pretrained(d, local_files_only=True) for d in controlnet_dirs]
-    pipe = StableDiffusionControlNetImg2ImgPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        controlnet=nets[0] if len(nets) == 1 else MultiControlNetModel(nets), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
+    common = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+                  controlnet=controlnet, scheduler=scheduler)
+    if model.is_sdxl:
+        pipe = StableDiffusionXLControlNetImg2ImgPipeline(
+            **common, text_encoder_2=model.text_encoder_2, tokenizer_2=model.tokenizer_2,
+            requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionControlNetImg2ImgPipeline(
+            **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

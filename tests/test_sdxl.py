@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from test_checkpoints import no_network  # noqa: F401 (a fixture)
 from test_lora import ALPHA, RANK, TEXT_TARGETS, UNET_TARGETS, kohya_name
 from test_render_exactness import reference_loopback
-from tiny_sdxl import POOLED, WIDTHS, load_sdxl_pipeline, make_tiny_sdxl
+from tiny_sdxl import POOLED, WIDTHS, load_sdxl_pipeline
 
 from vlrt.cli import main
 from vlrt.export.trt_build import profile_shapes
@@ -25,16 +25,6 @@ from vlrt.settings.config import build_settings
 
 CPU = torch.device("cpu")
 PROMPT = "a watercolour fox"
-
-
-@pytest.fixture(scope="module")
-def sdxl_dir(tmp_path_factory):
-    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl") / "model")
-
-
-@pytest.fixture(scope="module")
-def sdxl_model(sdxl_dir):
-    return load_model(str(sdxl_dir), CPU)
 
 
 def _pipeline(folder, sampler: str):

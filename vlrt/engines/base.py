@@ -12,8 +12,8 @@ Components and their tensors (B is the dynamic batch, at most `max_batch`):
 | (tiny VAE)    | image [B,3,H,W] in [-1, 1]                                            | moments: latents [B,C,h,w] |
 | vae_decoder   | latent [B,C,h,w] (already divided by the scaling factor)              | image [B,3,H,W] in [-1,1]|
 | fastdvdnet_block1 / fastdvdnet_block2 | frames [B,9,H,W] in [0,1], noise_map [B,1,H,W] | frame [B,3,H,W]     |
-| controlnet    | unet's inputs, controlnet_cond [B,3,H,W] in [0,1], conditioning_scale [B,L] f32 | L residuals |
-| unet_control  | unet's inputs and the L residuals (`residual_names`)                  | noise_pred [B,C,h,w]     |
+| controlnet    | unet's inputs (SDXL's too), controlnet_cond [B,3,H,W] in [0,1], conditioning_scale [B,L] f32 | L residuals |
+| unet_control  | unet's inputs (SDXL's too) and the L residuals (`residual_names`)     | noise_pred [B,C,h,w]     |
 
 The L residuals are the UNet's down-block residuals and its mid-block residual (13 for SD 1.x/2.x),
 each scaled by its column of `conditioning_scale`; their count depends on the model, so these two
@@ -22,7 +22,8 @@ components take their names from `residual_names(L)`.
 SDXL's UNet takes two more per-row inputs, its added conditioning (`SDXL_CONDITIONING`): the second
 text encoder's pooled embedding and the six size numbers (`time_ids`); each row carries its own, like
 its text embeddings, so rows of different prompts and sizes share a call. Such a UNet takes its names
-from `unet_names`.
+from `unet_names`. An SDXL ControlNet takes the same added conditioning as the UNet it steers (it is a
+copy of that UNet's encoder), so on SDXL both ControlNet components take it too, after the text embeddings.
 """
 
 from __future__ import annotations
@@ -71,11 +72,13 @@ def unet_names(added: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]
     return (*INPUT_NAMES[UNET], *added), OUTPUT_NAMES[UNET]
 
 
-def control_names(component: str, residuals: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(inputs, outputs) of the ControlNet engine or of the UNet that takes its residuals."""
+def control_names(component: str, residuals: int, added: tuple[str, ...] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(inputs, outputs) of the ControlNet engine or of the UNet that takes its residuals; `added` is the
+    UNet's added conditioning (`SDXL_CONDITIONING` for SDXL), which both take after the text embeddings."""
+    unet = unet_names(added)[0]
     if component == CONTROLNET:
-        return (*INPUT_NAMES[UNET], "controlnet_cond", "conditioning_scale"), residual_names(residuals)
-    return (*INPUT_NAMES[UNET], *residual_names(residuals)), OUTPUT_NAMES[UNET]
+        return (*unet, "controlnet_cond", "conditioning_scale"), residual_names(residuals)
+    return (*unet, *residual_names(residuals)), OUTPUT_NAMES[UNET]
 
 
 @dataclass(frozen=True)

@@ -33,19 +33,23 @@ class UNetModule(nn.Module):
 
 
 class UNetControlModule(nn.Module):
-    """The UNet taking a ControlNet's residuals (down blocks' in order, then the mid block's) as inputs."""
+    """The UNet taking a ControlNet's residuals (down blocks' in order, then the mid block's) as inputs;
+    an SDXL UNet takes its `added` conditioning (input names, `SDXL_CONDITIONING`) before them."""
 
-    def __init__(self, unet: nn.Module) -> None:
+    def __init__(self, unet: nn.Module, added: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.unet = unet
+        self.added = added
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *residuals: torch.Tensor
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *inputs: torch.Tensor
     ) -> torch.Tensor:
+        residuals = inputs[len(self.added):]
         return self.unet(
             sample,
             timestep,
             encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=_added(self.added, inputs),
             down_block_additional_residuals=list(residuals[:-1]),
             mid_block_additional_residual=residuals[-1],
             return_dict=False,
@@ -54,25 +58,33 @@ class UNetControlModule(nn.Module):
 
 class ControlNetModule(nn.Module):
     """diffusers' ControlNet with a per-row, per-residual scale [B, L], so that rows of different units'
-    weights, guidance ranges and control modes share a call (a scale of 0 switches a row off)."""
+    weights, guidance ranges and control modes share a call (a scale of 0 switches a row off). An SDXL
+    ControlNet takes the UNet's `added` conditioning (input names) after the text embeddings, each row its own."""
 
-    def __init__(self, controlnet: nn.Module) -> None:
+    def __init__(self, controlnet: nn.Module, added: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.controlnet = controlnet
+        self.added = added
 
     def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
-        conditioning_scale: torch.Tensor,
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor, *inputs: torch.Tensor
     ) -> tuple[torch.Tensor, ...]:
+        controlnet_cond, conditioning_scale = inputs[len(self.added):]
         down, mid = self.controlnet(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=controlnet_cond, return_dict=False
+            sample,
+            timestep,
+            encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=controlnet_cond,
+            added_cond_kwargs=_added(self.added, inputs),
+            return_dict=False,
         )
         scale = conditioning_scale.to(sample.dtype)
         return tuple(r * scale[:, i, None, None, None] for i, r in enumerate((*down, mid)))
+
+
+def _added(names: tuple[str, ...], inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor] | None:
+    """diffusers' `added_cond_kwargs` from the first inputs after the text embeddings (None when there are none)."""
+    return dict(zip(names, inputs)) if names else None
 
 
 class VaeEncoderModule(nn.Module):

@@ -3,7 +3,8 @@
 Each img2img job carries, per unit, its control image and (weight, guidance range, control mode);
 `ControlRunner.residuals` gives the residuals of every row of a round: per unit, one batched call
 of that unit's engine on the rows it acts on, and their residuals summed over the units (diffusers'
-`MultiControlNetModel`). Rows no unit acts on get zeros, which leave the UNet unchanged.
+`MultiControlNetModel`). Rows no unit acts on get zeros, which leave the UNet unchanged. On SDXL each
+unit's engine also takes its rows' pooled embedding and sizes, as the UNet does.
 
 Per row and step, a unit acts with scale `weight` on every residual while the step lies in its
 guidance range, with diffusers' rule for `control_guidance_start/end`: step i of n acts unless
@@ -11,7 +12,8 @@ i/n < guidance_start or (i+1)/n > guidance_end. The control modes are the WebUI 
 extension's (its wiki, "Control Mode"):
 - "Balanced": the unit acts on both CFG rows (diffusers' pipelines);
 - "My prompt is more important": both rows, residual k of L scaled by weight·0.825^(L−1−k)
-  (0.825^(12−k) for SD's 13), so the deep residuals keep most of the weight, the shallow ones little;
+  (0.825^(12−k) for SD 1.x/2.x's 13, 0.825^(9−k) for SDXL's 10), so the deep residuals keep most of
+  the weight, the shallow ones little;
 - "ControlNet is more important": the conditional row only (the unconditional row gets none), so
   CFG multiplies the unit's effect by the guidance scale.
 """
@@ -86,9 +88,10 @@ class ControlRunner:
         self.names = residual_names(len(shapes))
 
     def residuals(
-        self, jobs: Sequence[Img2ImgJob], sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self, jobs: Sequence[Img2ImgJob], sample: torch.Tensor, timestep: torch.Tensor, **conditioning: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """The summed residuals of every row of `jobs` (their UNet rows, in order, are `sample` …)."""
+        """The summed residuals of every row of `jobs` (their UNet rows, in order, are `sample` …); each
+        unit's engine takes the rows' `conditioning` as the UNet does (text embeddings; SDXL's pooled and sizes too)."""
         rows = sample.shape[0]
         total = {name: torch.zeros(rows, *shape, device=sample.device) for name, shape in zip(self.names, self.shapes)}
         for unit, engine in enumerate(self.engines):
@@ -105,7 +108,7 @@ class ControlRunner:
             out = engine(
                 sample=sample[on],
                 timestep=timestep[on],
-                encoder_hidden_states=encoder_hidden_states[on],
+                **{name: value[on] for name, value in conditioning.items()},
                 controlnet_cond=torch.cat(images)[on],
                 conditioning_scale=scale[on],
             )

@@ -11,10 +11,15 @@ and control-image encoder are its own. Any other ControlNet file (a fine-tune of
 tests' tiny ones) is converted with the structure its keys give and, for what keys cannot show
 (attention heads, normalisation groups), the model's UNet's values: a ControlNet is a copy of the
 encoder of the UNet it steers.
-A ControlNet whose architecture does not fit the model (cross-attention width, latent channels,
-block widths, or a hint encoder that does not downscale by the VAE's factor) is refused with what
-was found. LoRAs are fused into the model only, never into its ControlNets. SDXL models take no
-ControlNet yet: their units are refused with one line.
+SDXL models take SDXL ControlNets: diffusers folders whose config has `addition_embed_type="text_time"`
+(diffusers/controlnet-canny-sdxl-1.0's layout), which take the UNet's pooled embedding and six sizes
+(`vlrt.engines.base.SDXL_CONDITIONING`) row by row as the UNet does. A single SDXL ControlNet file in
+the original layout is refused with one line: diffusers' converter leaves out its pooled-embedding and
+size layers (`label_emb`), so only its diffusers folder loads.
+A ControlNet whose architecture does not fit the model (its family: SDXL by its added conditioning, the
+others by cross-attention width; latent channels, block widths, the added conditioning's size, or a hint
+encoder that does not downscale by the VAE's factor) is refused with what was found. LoRAs are fused
+into the model only, never into its ControlNets.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.model.checkpoints import CONFIGS, CROSS_ATTENTION, family, read_shapes, read_torch_checkpoint
+from vlrt.model.checkpoints import CONFIGS, CROSS_ATTENTION, KNOWN_WIDTHS, family, read_shapes, read_torch_checkpoint
 from vlrt.model.loading import Model
 from vlrt.model.lora import file_sha256
 from vlrt.settings.controlnet import ControlNetUnit
@@ -38,6 +43,8 @@ CONTROL_PREFIX = "control_model."  # ControlNet 1.0 files; 1.1's keys have no pr
 HINT_KEY = "input_hint_block.0.weight"  # the original layout's control-image encoder
 CONV_IN = "input_blocks.0.0.weight"
 HINT_CONV_OUT = 14  # diffusers' converter reads the encoder's last convolution at input_hint_block.14
+SDXL_EMBEDDING = "text_time"  # an SDXL ControlNet's addition_embed_type: the pooled embedding and the six sizes
+SDXL_ADD_EMBEDDING = "label_emb.0.0.weight"  # that embedding's first layer in the original layout
 SHIPPED = {768: CONFIGS / "controlnet-sd1", 1024: CONFIGS / "controlnet-sd2"}
 # What an original-layout file's keys do not show, taken from the model's UNet when its config is not a shipped one.
 FROM_UNET = (
@@ -56,12 +63,7 @@ class ControlNet:
 
 
 def load_controlnets(units: list[ControlNetUnit], model: Model) -> list[ControlNet]:
-    """Every unit's ControlNet in float32 on the model's device, in unit order (SD 1.x/2.x models only)."""
-    if units and model.is_sdxl:
-        raise VlrtError(
-            "ControlNet units on an SDXL model are not supported yet (SDXL ControlNets take the pooled embedding "
-            "and sizes too): remove the --controlnet units or use an SD 1.x/2.x model"
-        )
+    """Every unit's ControlNet in float32 on the model's device, in unit order."""
     return [ControlNet(unit, *_load(Path(unit.model).expanduser(), model)) for unit in units]
 
 
@@ -177,7 +179,14 @@ def single_file_config(shapes: dict[str, tuple[int, ...]], path: Path, model: Mo
     """The config folder for `from_single_file` and the values that override it: none for a file the
     shipped config fits; else the structure of its keys and the model's UNet's heads and norms. Refuses a
     ControlNet that cannot steer the model before converting anything."""
-    _check_width(cross_attention_width(shapes, path), path, model)
+    sdxl = any(k.removeprefix(CONTROL_PREFIX) == SDXL_ADD_EMBEDDING for k in shapes)
+    _check_family(sdxl, cross_attention_width(shapes, path), path, model)
+    if sdxl:
+        raise VlrtError(
+            f"ControlNet file {path} is an SDXL ControlNet in the original layout, which diffusers' converter cannot "
+            "read offline (it leaves out the pooled-embedding and size layers, label_emb): use the ControlNet's "
+            "diffusers folder (config.json and diffusion_pytorch_model.safetensors)"
+        )
     found = original_structure(shapes, path)
     if found.shipped is not None:
         folder, overrides = found.shipped, {}
@@ -202,17 +211,29 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _check_width(width: int, path: Path, model: Model) -> None:
-    if width != model.cross_attention_dim:
+def _family(sdxl: bool, width: int) -> str:
+    """A ControlNet's or a model's family in words: SDXL by its added conditioning (pooled embedding and
+    sizes), which tiny and fine-tuned SDXLs have at any width; the others by their cross-attention width."""
+    if sdxl:
+        return f"SDXL (cross-attention width {width})"
+    return family(width) if width in (KNOWN_WIDTHS["clip"], KNOWN_WIDTHS["open_clip"]) else f"SD 1.x/2.x (cross-attention width {width})"
+
+
+def _check_family(sdxl: bool, width: int, path: Path, model: Model) -> None:
+    """Refuse a ControlNet of another family than the model's: an SD 1.x/2.x ControlNet on SDXL, an
+    SDXL one on SD 1.x/2.x, SD 1.x on SD 2.x and the reverse."""
+    if (sdxl, width) != (model.is_sdxl, model.cross_attention_dim):
+        wanted = "an SDXL ControlNet" if model.is_sdxl else "a ControlNet made for the model's architecture"
         raise VlrtError(
-            f"ControlNet {path} is for {family(width)} but the model is {family(model.cross_attention_dim)}: "
-            "use a ControlNet made for the model's architecture"
+            f"ControlNet {path} is for {_family(sdxl, width)} but the model is "
+            f"{_family(model.is_sdxl, model.cross_attention_dim)}: use {wanted}, or a model of the ControlNet's family"
         )
 
 
 def _check_config(config: dict, path: Path, model: Model) -> None:
     """Refuse a ControlNet that cannot steer this model's UNet, naming what differs."""
-    _check_width(int(config["cross_attention_dim"]), path, model)
+    sdxl = config.get("addition_embed_type") == SDXL_EMBEDDING
+    _check_family(sdxl, int(config["cross_attention_dim"]), path, model)
     unet = model.unet.config
     found = (int(config["in_channels"]), list(config["block_out_channels"]))
     wanted = (int(unet.in_channels), list(unet.block_out_channels))
@@ -221,6 +242,14 @@ def _check_config(config: dict, path: Path, model: Model) -> None:
             f"ControlNet {path} has {found[0]} latent channels and blocks {found[1]}, the model's UNet {wanted[0]} and "
             f"{wanted[1]}: use a ControlNet made for this model"
         )
+    if sdxl:
+        found = (int(config["projection_class_embeddings_input_dim"]), int(config["addition_time_embed_dim"]))
+        wanted = (int(unet.projection_class_embeddings_input_dim), int(unet.addition_time_embed_dim))
+        if found != wanted:
+            raise VlrtError(
+                f"ControlNet {path} takes {found[0]} numbers of added conditioning ({found[1]} per size), the model's "
+                f"UNet {wanted[0]} ({wanted[1]} per size): use a ControlNet made for this model"
+            )
     hint_scale = 2 ** (len(config["conditioning_embedding_out_channels"]) - 1)
     if hint_scale != model.vae_scale_factor:
         raise VlrtError(

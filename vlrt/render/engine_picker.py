@@ -111,15 +111,20 @@ def sd_networks(model: Model, height: int, width: int) -> list[Network]:
 
 
 def control_networks(model: Model, controlnets: list[nn.Module], height: int, width: int) -> list[Network]:
-    """The UNet that takes ControlNet residuals, then each ControlNet, at this resolution."""
+    """The UNet that takes ControlNet residuals, then each ControlNet, at this resolution; on SDXL both
+    take the UNet's added conditioning."""
     unet = sd_networks(model, height, width)[0].example
+    added = SDXL_CONDITIONING if model.is_sdxl else ()
     shapes = residual_shapes(model, height, width)
     residuals = {name: torch.randn(1, *shape) for name, shape in zip(residual_names(len(shapes)), shapes)}
     control = {"controlnet_cond": torch.rand(1, 3, height, width), "conditioning_scale": torch.ones(1, len(shapes))}
     return [
-        Network(UNET_CONTROL, UNetControlModule(model.unet), {**unet, **residuals}, control_names(UNET_CONTROL, len(shapes))),
+        Network(
+            UNET_CONTROL, UNetControlModule(model.unet, added), {**unet, **residuals},
+            control_names(UNET_CONTROL, len(shapes), added),
+        ),
         *(
-            Network(CONTROLNET, ControlNetModule(c), {**unet, **control}, control_names(CONTROLNET, len(shapes)))
+            Network(CONTROLNET, ControlNetModule(c, added), {**unet, **control}, control_names(CONTROLNET, len(shapes), added))
             for c in controlnets
         ),
     ]
