@@ -41,6 +41,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from onnx import numpy_helper
@@ -180,37 +181,53 @@ def _set_output_sizes(model: onnx.ModelProto, output_rests: list[tuple[int, ...]
 
 def _attach_weights(model: onnx.ModelProto, module: nn.Module, inputs: tuple[str, ...], path: Path) -> None:
     """Turn the weight inputs of a graph traced with `export_params=False` into initializers and
-    write the model to `path`: inside the file, or, past protobuf's limit, in `<path>.data`,
-    written tensor by tensor from `module` so that no second copy of the weights is ever held.
+    write the model to `path` (`write_onnx`).
 
     The exporter names each weight input after its parameter or buffer (parameters of equal value
     share the first one's input), which is what re-weighting (`reweight.py`) relies on.
     """
-    tensors = {**dict(module.named_buffers()), **dict(module.named_parameters())}
-    weights = [value for value in model.graph.input if value.name not in inputs]
-    unknown = [value.name for value in weights if value.name not in tensors]
+    tensors = module_tensors(module)
+    weights = [value.name for value in model.graph.input if value.name not in inputs]
+    unknown = [name for name in weights if name not in tensors]
     if unknown:
         raise ValueError(f"the traced graph takes inputs that are neither feeds nor weights: {unknown[:5]}")
     kept = [value for value in model.graph.input if value.name in inputs]
     del model.graph.input[:]
     model.graph.input.extend(kept)
+    write_onnx(model, {name: tensors[name] for name in weights}, path)
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module` by its name, as the exporter names weight inputs."""
+    return {**dict(module.named_buffers()), **dict(module.named_parameters())}
+
+
+def write_onnx(model: onnx.ModelProto, weights: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
+    """Write `model` to `path` with `weights` as its initializers (floating-point ones converted to
+    `dtype` where given): inside the file, or, past protobuf's limit, in one file beside it,
+    `<path>.data`, written tensor by tensor so that no second copy of the weights is ever held."""
+    def array(tensor: torch.Tensor) -> np.ndarray:
+        wanted = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+        return tensor.detach().to("cpu", wanted).contiguous().numpy()
+
     data = path.with_name(path.name + ".data")
     data.unlink(missing_ok=True)
-    if sum(tensors[value.name].nbytes for value in weights) < EMBEDDED_LIMIT:
-        model.graph.initializer.extend(
-            numpy_helper.from_array(tensors[value.name].detach().cpu().numpy(), value.name) for value in weights
-        )
+    del model.graph.initializer[:]
+    size = sum(t.numel() * (dtype.itemsize if dtype is not None and t.is_floating_point() else t.element_size())
+               for t in weights.values())
+    if size < EMBEDDED_LIMIT:
+        model.graph.initializer.extend(numpy_helper.from_array(array(tensor), name) for name, tensor in weights.items())
         onnx.save_model(model, str(path))
         return
     with open(data, "wb") as out:
-        for value in weights:
-            array = tensors[value.name].detach().cpu().contiguous().numpy()
+        for name, tensor in weights.items():
+            values = array(tensor)
             out.seek(-out.tell() % EXTERNAL_ALIGNMENT, 1)
-            init = onnx.TensorProto(name=value.name, dims=array.shape, data_type=value.type.tensor_type.elem_type)
+            init = onnx.TensorProto(name=name, dims=values.shape, data_type=onnx.helper.np_dtype_to_tensor_dtype(values.dtype))
             init.data_location = onnx.TensorProto.EXTERNAL
-            for key, text in (("location", data.name), ("offset", out.tell()), ("length", array.nbytes)):
+            for key, text in (("location", data.name), ("offset", out.tell()), ("length", values.nbytes)):
                 init.external_data.add(key=key, value=str(text))
-            out.write(array.tobytes())
+            out.write(values.tobytes())
             model.graph.initializer.append(init)
     onnx.save_model(model, str(path))
 
@@ -241,24 +258,6 @@ def compute_in_fp32(graph: onnx.GraphProto, op_types: frozenset[str]) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return changed
-
-
-def save_onnx(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write `model` to `path`; with `external`, its weights go to one file beside it, `<path>.data`."""
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    if not external:
-        onnx.save_model(model, str(path))
-        return
-    with progress(f"writing {path.name} with external data {data.name}"):
-        onnx.save_model(
-            model,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
 
 
 def check_onnx(path: Path, module: nn.Module, feed: Mapping[str, torch.Tensor], atol: float) -> float:

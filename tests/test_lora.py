@@ -20,6 +20,7 @@ from vlrt.cli import main
 from vlrt.demo import DEMO_MODEL_DIR
 from vlrt.engines.base import UNET
 from vlrt.engines.modules import UNetModule
+from vlrt.engines.ort_engine import OrtEngine
 from vlrt.engines.trt_engine import trt_available
 from vlrt.errors import VlrtError
 from vlrt.export import onnx_export
@@ -182,8 +183,6 @@ def test_changing_only_the_lora_scale_reweights_the_onnx_instead_of_exporting(lo
     g = torch.Generator().manual_seed(3)
     feed = {"sample": torch.randn(2, 4, 16, 16, generator=g), "timestep": torch.tensor([700.5, 31.0]),
             "encoder_hidden_states": torch.randn(2, 77, model.cross_attention_dim, generator=g)}
-    from vlrt.engines.ort_engine import OrtEngine
-
     got = engines[UNET](**feed)["noise_pred"]
     want = OrtEngine(UNET, fresh, max_batch=2, device=CPU)(**feed)["noise_pred"]
     assert torch.equal(got, want)
@@ -191,9 +190,13 @@ def test_changing_only_the_lora_scale_reweights_the_onnx_instead_of_exporting(lo
         assert (got - module(**feed)).abs().max().item() < 1e-4
 
 
-def test_reweighting_refuses_when_weights_that_shared_an_initializer_part(demo_model, tmp_path):
+@pytest.mark.parametrize("weights", ["embedded", "external"])
+def test_reweighting_refuses_when_weights_that_shared_an_initializer_part(demo_model, tmp_path, monkeypatch, weights):
     """The export stores equal parameters once (a fresh UNet's norm weights are all ones); if the new
-    weights make them differ, the graph would differ: re-weighting refuses, so the caller exports."""
+    weights make them differ, the graph would differ: re-weighting refuses, so the caller exports.
+    With external data (the SD 1.5 and SDXL UNets), the old values are read from the data file in place."""
+    if weights == "external":
+        monkeypatch.setattr(onnx_export, "EMBEDDED_LIMIT", 0)
     torch.manual_seed(0)
     module = UNetModule(type(demo_model.unet).from_config(demo_model.unet.config)).eval()
     example = sd_networks(demo_model, 32, 32)[0].example
@@ -202,8 +205,17 @@ def test_reweighting_refuses_when_weights_that_shared_an_initializer_part(demo_m
     names = {i.name for i in onnx.load(str(base)).graph.initializer}
     shared = [k for k in module.state_dict() if k not in names]
     assert shared
-    assert reweight_onnx(base, module, tmp_path / "same" / "model.onnx", "fp32")
     with torch.no_grad():
+        module.unet.conv_in.weight.mul_(1.5)  # a weight of its own changes: re-weighted, not refused
+    same = tmp_path / "same" / "model.onnx"
+    assert reweight_onnx(base, module, same, "fp32")
+    assert same.with_name(same.name + ".data").is_file() == (weights == "external")
+    g = torch.Generator().manual_seed(5)
+    feed = {name: torch.randn(value.shape, generator=g) for name, value in example.items()}
+    feed["timestep"] = torch.tensor([321.0])
+    got = OrtEngine(UNET, same, max_batch=2, device=CPU)(**feed)["noise_pred"]
+    with torch.no_grad():
+        assert (got - module(**feed)).abs().max().item() < 1e-4
         module.state_dict()[shared[0]].add_(0.5)
     assert not reweight_onnx(base, module, tmp_path / "parted" / "model.onnx", "fp32")
 
