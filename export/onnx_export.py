@@ -33,8 +33,8 @@ Why the choices:
 from __future__ import annotations
 
 import copy
+import io
 import logging
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -98,29 +98,28 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with progress(f"exporting {component} to ONNX ({precision}, opset {opset})"):
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".export-") as scratch:
-            raw = Path(scratch) / "model.onnx"
-            # The exporter's shape inference loses some static output sizes (the VAE encoder's);
-            # the traced run knows them all.
-            shapes: list[list[tuple[int, ...]]] = []
-            hook = traced.register_forward_hook(
-                lambda _m, _i, out: shapes.append([tuple(o.shape) for o in (out if isinstance(out, tuple) else (out,))])
+        # The exporter's shape inference loses some static output sizes (the VAE encoder's);
+        # the traced run knows them all.
+        shapes: list[list[tuple[int, ...]]] = []
+        hook = traced.register_forward_hook(
+            lambda _m, _i, out: shapes.append([tuple(o.shape) for o in (out if isinstance(out, tuple) else (out,))])
+        )
+        graph = io.BytesIO()  # the graph only: its weights are written afterwards, from the module
+        with torch.no_grad(), warnings.catch_warnings(), _removing(hook):
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
+            torch.onnx.export(
+                traced,
+                args,
+                graph,
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_axes={name: {0: BATCH_AXIS} for name in (*inputs, *outputs)},
+                opset_version=opset,
+                do_constant_folding=False,
+                dynamo=False,
+                export_params=False,
             )
-            with torch.no_grad(), warnings.catch_warnings(), _removing(hook):
-                warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer warnings
-                torch.onnx.export(
-                    traced,
-                    args,
-                    str(raw),  # a str, not a Path: the exporter needs a location for external data
-                    input_names=list(inputs),
-                    output_names=list(outputs),
-                    dynamic_axes={name: {0: BATCH_AXIS} for name in (*inputs, *outputs)},
-                    opset_version=opset,
-                    do_constant_folding=False,
-                    dynamo=False,
-                    export_params=False,
-                )
-            model = onnx.load(str(raw))
+        model = onnx.load_from_string(graph.getvalue())
     _set_output_sizes(model, [shape[1:] for shape in shapes[0]])
     if precision == "fp16":
         compute_in_fp32(model.graph, FP32_OPS)
