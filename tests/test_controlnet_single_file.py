@@ -91,7 +91,6 @@ def test_single_file_renders_like_its_diffusers_folder(which, form, suffix, tiny
     got = _render(model, f"model={path},weight=1.5", clip_folder, tmp_path / "single")
     plain = _render(model, f"model={folder},weight=0", clip_folder, tmp_path / "off")
     assert len(got) == 3
-    print("MAXDIFF", which, form, max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(got, want)))
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     assert max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(want, plain)) > 2  # the ControlNet acts
