@@ -82,3 +82,16 @@ def assert_three_segments_give_one_render(run: tuple, tmp_path: Path) -> None:
     finally:
         ray.shutdown()
     assert_same_frames(read_frames(tmp_path / "seg"), read_frames(tmp_path / "one"))
+
+
+def write_diffusers_file(controlnet_dir: Path, path: Path) -> dict:
+    """A ControlNet folder's weights as one file in diffusers' own key layout (how most SDXL ControlNets are
+    shipped): the state dict saved as it is, with safetensors' save_file or torch.save for .pth."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True).state_dict().items()}
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return state

@@ -155,14 +155,15 @@ def to_original(
 
 def controlnet_to_original(controlnet: torch.nn.Module, prefix: str = "control_model.") -> dict:
     """A diffusers ControlNetModel in the original ControlNet layout (ControlNet 1.0's files prefix every
-    key with control_model., 1.1's have none). Its encoder copy of the UNet keeps the UNet's names;
-    the extra parts are:
+    key with control_model., 1.1's have none). Its encoder copy of the UNet keeps the UNet's names (an SDXL
+    ControlNet's add_embedding is label_emb, as in sgm's UNet); the extra parts are:
       controlnet_cond_embedding.conv_in / blocks[k] / conv_out = input_hint_block.0 / .2(k+1) / .2(n+1)
-        (the Sequential's odd entries are its SiLUs; n blocks, 6 in every real ControlNet, so conv_out is .14)
+        (the Sequential's odd entries are its SiLUs; n blocks, 6 in every real ControlNet, so conv_out is .14;
+        fewer in the tests' ControlNets of models whose VAE downscales by 2 or 4)
       controlnet_down_blocks[i] = zero_convs.i.0, controlnet_mid_block = middle_block_out.0
     """
     state = controlnet.state_dict()
-    unet_part = {k: v for k, v in state.items() if k.split(".")[0] in ("conv_in", "time_embedding", "down_blocks", "mid_block")}
+    unet_part = {k: v for k, v in state.items() if k.split(".")[0] in ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block")}
     out = {k.removeprefix("model.diffusion_model."): v for k, v in unet_to_original(unet_part, controlnet.config.layers_per_block).items()}
     blocks = len(controlnet.controlnet_cond_embedding.blocks)
     for key, value in state.items():

@@ -1,16 +1,19 @@
 """ControlNet units on SDXL: a tiny random SDXL ControlNet (diffusers' ControlNetModel with the UNet's
 added text/time conditioning) on the tiny SDXL, against diffusers' StableDiffusionXLControlNetImg2ImgPipeline;
-ONNX Runtime against torch; ControlNets of the other family refused in one line."""
+ONNX Runtime against torch; ControlNets of the other family, folders or single files, refused in one line."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from conftest import read_frames
-from controlnet_fixtures import controlnet_pipeline, make_tiny_controlnet
+from controlnet_fixtures import controlnet_pipeline, make_tiny_controlnet, write_diffusers_file
 from diffusers import ControlNetModel
+from original_layout import controlnet_to_original
 from PIL import Image
 from safetensors.torch import save_file
 from tiny_sdxl import POOLED, WIDTHS
@@ -139,23 +142,12 @@ def test_ort_equals_torch_with_sdxl_controlnets(sdxl_model, sdxl_dir, sdxl_contr
     assert shapes["text_embeds"] == ((1, POOLED), (8, POOLED), (8, POOLED)) and shapes["time_ids"] == ((1, 6), (8, 6), (8, 6))
 
 
-def _sdxl_original_layout_file(folder) -> str:
-    """The keys by which an original-layout SDXL ControlNet file of the tiny SDXL is recognised: its control-image
-    encoder, its cross-attention width, and the pooled-embedding-and-sizes layer (label_emb)."""
-    path = folder / "controlnet_sdxl_original.safetensors"
-    save_file({
-        "control_model.input_hint_block.0.weight": torch.zeros(16, 3, 3, 3),
-        "control_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(48, sum(WIDTHS)),
-        "control_model.label_emb.0.0.weight": torch.zeros(32, 72),
-    }, str(path))
-    return str(path)
-
-
-@pytest.mark.parametrize("case", ["sd_controlnet_on_sdxl", "sdxl_controlnet_on_sd", "sdxl_original_layout_file"])
+@pytest.mark.parametrize("case", ["sd_controlnet_on_sdxl", "sdxl_controlnet_on_sd", "sd_controlnet_file_on_sdxl",
+                                  "sdxl_controlnet_file_on_sd"])
 def test_controlnet_of_the_other_family_is_one_clear_line(case, sdxl_dir, sdxl_controlnet_dirs, demo_model, tmp_path,
                                                           clip_folder, capsys):
-    """An SD 1.x/2.x ControlNet on SDXL and an SDXL ControlNet on SD 1.x/2.x name both families and the fix; an
-    original-layout SDXL file, which diffusers cannot convert, names the folder to use instead."""
+    """An SD 1.x/2.x ControlNet on SDXL and an SDXL ControlNet on SD 1.x/2.x, as folders or single files (an SD 1.5
+    one in the original layout, an SDXL one in diffusers' layout), name both families and the fix."""
     if case == "sd_controlnet_on_sdxl":
         unit, model = str(make_tiny_controlnet(demo_model, tmp_path / "sdcn", seed=1)), str(sdxl_dir)
         words = ["is for SD 1.x/2.x (cross-attention width 32) but the model is SDXL (cross-attention width 72)",
@@ -164,9 +156,17 @@ def test_controlnet_of_the_other_family_is_one_clear_line(case, sdxl_dir, sdxl_c
         unit, model = str(sdxl_controlnet_dirs[0]), "demo"
         words = ["is for SDXL (cross-attention width 72) but the model is SD 1.x/2.x (cross-attention width 32)",
                  "use a ControlNet made for the model's architecture"]
+    elif case == "sd_controlnet_file_on_sdxl":
+        network = ControlNetModel.from_pretrained(make_tiny_controlnet(demo_model, tmp_path / "sdcn", seed=1), local_files_only=True)
+        unit, model = str(tmp_path / "control_sd15.safetensors"), str(sdxl_dir)
+        save_file(controlnet_to_original(network), unit)
+        words = ["is for SD 1.x/2.x (cross-attention width 32) but the model is SDXL (cross-attention width 72)",
+                 "use an SDXL ControlNet"]
     else:
-        unit, model = _sdxl_original_layout_file(tmp_path), str(sdxl_dir)
-        words = ["is an SDXL ControlNet in the original layout", "use the ControlNet's diffusers folder"]
+        unit, model = str(tmp_path / "diffusers_xl_canny.safetensors"), "demo"
+        write_diffusers_file(sdxl_controlnet_dirs[0], Path(unit))
+        words = ["is for SDXL (cross-attention width 72) but the model is SD 1.x/2.x (cross-attention width 32)",
+                 "use a ControlNet made for the model's architecture"]
     out = tmp_path / "result" / "out.mp4"
     code = main(["render", str(clip_folder), "-o", str(out), "--model", model, "--loop-n", "1", "--steps", "2", "--quiet",
                  "--controlnet", unit])
