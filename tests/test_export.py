@@ -25,6 +25,7 @@ from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
 from vlrt.engines.ort_engine import OrtEngine
 from vlrt.engines.trt_engine import TrtEngine, refit_unet, trt_available
 from vlrt.errors import VlrtError
+from vlrt.export import onnx_export
 from vlrt.export.cache import EngineCache
 from vlrt.export.manifest import (
     MANIFEST_FILE,
@@ -36,7 +37,6 @@ from vlrt.export.manifest import (
     model_hash,
     read_manifest,
 )
-from vlrt.export import onnx_export
 from vlrt.export.onnx_export import check_onnx, export_onnx
 
 TRT_OK, TRT_WHY = trt_available()

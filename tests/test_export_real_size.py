@@ -18,11 +18,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from vlrt.engines.base import SDXL_CONDITIONING, UNET, VAE_DECODER, VAE_ENCODER, unet_names
-from vlrt.model.checkpoints import CONFIGS
 from vlrt.engines.modules import UNetModule, VaeDecoderModule, VaeEncoderModule
 from vlrt.engines.ort_engine import OrtEngine
 from vlrt.export.manifest import ONNX_DATA_FILE, ONNX_FILE, model_hash
 from vlrt.export.onnx_export import export_onnx
+from vlrt.model.checkpoints import CONFIGS
 
 pytestmark = pytest.mark.slow
 

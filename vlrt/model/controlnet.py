@@ -6,8 +6,10 @@ diffusers' own (`controlnet_cond_embedding.…`, `down_blocks.…`, `controlnet_
 ControlNets, the WebUI's `diffusers_xl_*` files, xinsir's) or the original ControlNet layout
 (`input_hint_block.…`, `input_blocks.…`, `zero_convs.…`, with `label_emb` on SDXL; under `control_model.`
 or bare, as ControlNet 1.0's and 1.1's files have them). An original-layout file's keys are renamed to
-diffusers' (`diffusers_layout`), so both layouts are read one way, offline, without diffusers' converter:
-the keys' shapes give the architecture (`controlnet_structure`: block widths, layers, transformer depths,
+diffusers' (`diffusers_layout`), so both layouts are read one way, offline. Written here rather than
+taken from diffusers' `ControlNetModel.from_single_file`: that converter drops an SDXL ControlNet's
+`label_emb` (the load then fails or leaves those layers random) and reads no diffusers-layout file. The
+keys' shapes give the architecture (`controlnet_structure`: block widths, layers, transformer depths,
 0 or none in the "mid" and "small" SDXL ControlNets, projections, control-image encoder, SDXL's added
 conditioning). A file of SD 1.x's or SD 2.x's shipped ControlNet architecture takes the config vlrt ships
 (`model_configs/controlnet-sd1`, `-sd2`); any other (SDXL, a fine-tune of another size, the tests' tiny
