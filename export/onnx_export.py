@@ -197,8 +197,8 @@ def _attach_weights(model: onnx.ModelProto, module: nn.Module, inputs: tuple[str
 
 
 def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer of `module` by its name, as the exporter names weight inputs."""
-    return {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    """Every parameter and buffer of `module` by its name (each name of a tied one), as the exporter names weight inputs."""
+    return {**dict(module.named_buffers(remove_duplicate=False)), **dict(module.named_parameters(remove_duplicate=False))}
 
 
 def write_onnx(model: onnx.ModelProto, weights: Mapping[str, torch.Tensor], path: Path, dtype: torch.dtype | None = None) -> None:
