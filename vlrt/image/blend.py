@@ -23,13 +23,13 @@ def quantise(x: torch.Tensor, rounding: str) -> torch.Tensor:
     """Float 0–255 values to uint8 under a rounding policy (round: half to even, as numpy's `rint`)."""
     if rounding == FLOOR:
         return x.clamp(0, 255).to(torch.uint8)  # truncation toward zero of non-negatives is floor
-    return x.round().clamp(0, 255).to(torch.uint8)
+    return x.round().clamp_(0, 255).to(torch.uint8)
 
 
 def blend(a: torch.Tensor, b: torch.Tensor, t: float, rounding: str = ROUND) -> torch.Tensor:
     """`a·(1−t) + b·t` per 8-bit channel (t=0 gives a, t=1 gives b); outside [0, 1] it extrapolates and clips."""
     a32 = a.float()
-    return quantise(a32 + float(t) * (b.float() - a32), rounding)
+    return quantise(b.float().sub_(a32).mul_(float(t)).add_(a32), rounding)  # in place: a 512² frame is MBs
 
 
 def mean(images: Sequence[torch.Tensor], rounding: str = ROUND) -> torch.Tensor:
@@ -60,5 +60,7 @@ def temporal_simple(frames: Sequence[torch.Tensor], weights: Sequence[float], cu
                 continue
             acc = blend(acc, image, w / running, FLOOR)
         return acc
-    acc32 = sum(float(w) * f.float() for w, f in zip(weights, frames))
-    return quantise(acc32 / total, rounding)
+    acc32 = frames[0].float().mul_(float(weights[0]))
+    for w, f in zip(weights[1:], frames[1:]):
+        acc32.add_(f.float().mul_(float(w)))
+    return quantise(acc32.div_(total), rounding)
