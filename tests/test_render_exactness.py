@@ -36,7 +36,7 @@ def _sd(pipe, image: Image.Image, seed: int, steps: int, strength: float, cfg: f
     ).images[0]
 
 
-@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras"])  # ancestral noise; multistep state
+@pytest.mark.parametrize("sampler", ["Euler a", "DPM++ 2M Karras", "LMS Karras"])  # ancestral noise; multistep state; scipy
 @pytest.mark.parametrize("which", ["demo", "tiny8"])
 def test_single_pass_equals_diffusers_img2img(which, sampler, request, clip_folder, tmp_path):
     """loop_n=1, α=1, batch 1, no temporal blend, fixed seed: each frame is diffusers' img2img of that frame."""
