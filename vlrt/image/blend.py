@@ -28,12 +28,16 @@ def quantise(x: torch.Tensor, rounding: str) -> torch.Tensor:
 
 def blend(a: torch.Tensor, b: torch.Tensor, t: float, rounding: str = ROUND) -> torch.Tensor:
     """`a·(1−t) + b·t` per 8-bit channel (t=0 gives a, t=1 gives b); outside [0, 1] it extrapolates and clips."""
+    if t in (0, 1):  # exactly a or b in either rounding: no float pass over the frame
+        return b if t == 1 else a
     a32 = a.float()
     return quantise(b.float().sub_(a32).mul_(float(t)).add_(a32), rounding)  # in place: a 512² frame is MBs
 
 
 def mean(images: Sequence[torch.Tensor], rounding: str = ROUND) -> torch.Tensor:
     """Equal-weight mean of a batch (the extension's "batch blend": a running mean in floor mode)."""
+    if len(images) == 1:  # batch_size 1: the mean is the image, in either rounding
+        return images[0]
     if rounding == FLOOR:
         acc = images[0]
         for k, image in enumerate(images[1:], start=2):
