@@ -24,7 +24,8 @@ Why the choices:
   named after their parameters) and the weights are then written tensor by tensor from the
   module (`_attach_weights`). The exporter would otherwise hold the module, a serialized copy of
   every weight, and a parsed copy of that at once (three times the weights: 31 GB for SDXL's
-  UNet in fp32, more than many machines have); this way the peak is the module and one tensor.
+  UNet in fp32, more than many machines have); this way no second copy of the weights is held
+  (SDXL's UNet exports at 1.4 times its weights: the module and the trace's working memory).
 - Models whose weights would pass protobuf's 2 GB (the SD 1.5 UNet in fp32: 3.4 GB) are written
   with ONNX external data in one file beside the model, `<name>.data` (`model.onnx.data`), each
   tensor at a 4 KiB-aligned offset so that runtimes can map it.
