@@ -156,7 +156,7 @@ BAD = {
          "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": small((8, 8))},
         "SDXL",
     ),
-    "inpaint.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": small((320, 9, 3, 3))}, "inpainting model"),
+    "five.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": small((320, 5, 3, 3))}, "5 input channels (not an img2img model)"),
     "notext.safetensors": ({"model.diffusion_model.input_blocks.0.0.weight": small((320, 4, 3, 3))}, "no SD 1.x"),
     "noattn.safetensors": (
         {"model.diffusion_model.input_blocks.0.0.weight": small((320, 4, 3, 3)),

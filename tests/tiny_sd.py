@@ -38,8 +38,10 @@ def make_tiny_sd(
     cross_attention_dim: int = 32,
     seed: int = 0,
     sample_size: int = 32,
+    unet_in_channels: int | None = None,
 ) -> Path:
-    """Write a diffusers SD folder with VAE scale factor 2 ** (vae_blocks - 1); `sample_size` is in latent pixels."""
+    """Write a diffusers SD folder with VAE scale factor 2 ** (vae_blocks - 1); `sample_size` is in latent pixels.
+    `unet_in_channels` other than the latent channels makes another UNet (9: an inpainting model's)."""
     folder = Path(folder)
     write_byte_level_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
@@ -47,7 +49,8 @@ def make_tiny_sd(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         vae = AutoencoderKL(**vae_config(vae_blocks, latent_channels, sample_size * scale))
-        unet = UNet2DConditionModel(**unet_config(latent_channels, cross_attention_dim, sample_size))
+        config = unet_config(latent_channels, cross_attention_dim, sample_size)
+        unet = UNet2DConditionModel(**{**config, "in_channels": unet_in_channels or latent_channels})
         text_encoder = CLIPTextModel(text_encoder_config(cross_attention_dim))
     pipeline = StableDiffusionPipeline(
         vae=vae,

@@ -63,12 +63,12 @@ def write_tokenizer(folder: Path, pad_token: str) -> None:
         (folder / name).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
-def make_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
-    """Write a diffusers SDXL folder (StableDiffusionXLImg2ImgPipeline layout)."""
+def make_tiny_sdxl(folder: Path, seed: int = 0, unet_in_channels: int = 4) -> Path:
+    """Write a diffusers SDXL folder (StableDiffusionXLImg2ImgPipeline layout); a UNet taking 9 channels is an inpainting model's."""
     folder = Path(folder)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config())
+        unet = UNet2DConditionModel(**{**unet_config(), "in_channels": unet_in_channels})
         text_encoder = CLIPTextModel(text_config(WIDTHS[0], 3))
         text_encoder_2 = CLIPTextModelWithProjection(text_config(WIDTHS[1], 3))
     write_tokenizer(folder / "tokenizer", EOS_TOKEN)

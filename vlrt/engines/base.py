@@ -15,6 +15,9 @@ Components and their tensors (B is the dynamic batch, at most `max_batch`):
 | controlnet    | unet's inputs (SDXL's too), controlnet_cond [B,3,H,W] in [0,1], conditioning_scale [B,L] f32 | L residuals |
 | unet_control  | unet's inputs (SDXL's too) and the L residuals (`residual_names`)     | noise_pred [B,C,h,w]     |
 
+An inpainting UNet's `sample` has 2C+1 channels (9): the latents, then the mask and the masked image's
+latents (`vlrt.executor.jobs`); its `noise_pred` has C.
+
 The L residuals are the UNet's down-block residuals and its mid-block residual (13 for SD 1.x/2.x),
 each scaled by its column of `conditioning_scale`; their count depends on the model, so these two
 components take their names from `residual_names(L)`.

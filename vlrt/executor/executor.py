@@ -121,10 +121,14 @@ def _advance(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
 
 
 def _encode(engines: EngineSet, jobs: list[Img2ImgJob]) -> None:
+    """One encoder call per image size for every image of the jobs (an inpainting model's masked images too)."""
     for group in _by_shape(jobs, lambda j: tuple(j.image.shape)):
-        moments = engines.vae_encoder(image=torch.stack([j.encoder_input() for j in group]))["moments"]
-        for job, m in zip(group, moments):
-            job.take_moments(m)
+        inputs = [j.encoder_inputs() for j in group]
+        moments = engines.vae_encoder(image=torch.stack([image for images in inputs for image in images]))["moments"]
+        start = 0
+        for job, images in zip(group, inputs):
+            job.take_moments(moments[start : start + len(images)])
+            start += len(images)
 
 
 def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2ImgJob]) -> None:
@@ -147,6 +151,7 @@ def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
             )
         if control is not None:
             feed.update(control.residuals(group, **feed))
+        feed["sample"] = _with_conditioning(group, feed["sample"])
         pred = engines.unet(**feed)["noise_pred"]
         if group[0].traj is None:
             start = 0
@@ -155,6 +160,15 @@ def _denoise(engines: EngineSet, control: ControlRunner | None, jobs: list[Img2I
                 start += job.rows
         else:
             _step_together(group, latents, pred.float())
+
+
+def _with_conditioning(jobs: list[Img2ImgJob], sample: torch.Tensor) -> torch.Tensor:
+    """The UNet's sample: the jobs' latent rows, followed on channels by an inpainting model's mask and
+    masked-image latents (the same for both CFG rows of a job)."""
+    if jobs[0].conditioning is None:
+        return sample
+    extra = torch.cat([j.conditioning for j in jobs for _ in range(j.rows)])
+    return torch.cat([sample, extra.to(sample.dtype)], dim=1)
 
 
 def _rows(conditionings: list[Conditioning]) -> Conditioning:

@@ -8,6 +8,14 @@ conditional predictions, and the decoded image is rounded to 8 bits the same way
 the WebUI does, under `blend_rounding = floor`, the extension-parity mode). What differs is
 only who runs the networks: the executor batches the rows of many jobs into one engine call.
 
+An inpainting model (a 9-channel UNet) follows diffusers' `StableDiffusionInpaintPipeline` instead:
+the UNet takes the latents, the mask at latent size (nearest) and the latents of the masked image
+(the init image with the pixels to repaint set to 0, mid grey), the same 5 extra channels in both
+CFG rows; the masked image is encoded after the initial noise is drawn, and the unmasked latents are
+not put back at each step (the model itself keeps them). Without a mask the whole frame is
+repainted: a mask of ones, a masked image of zeros, as both diffusers (with a white mask) and the
+WebUI (its img2img conditioning for inpainting models) give it.
+
 Everything a job holds lives on the render device: the init image (a uint8 tensor), latents,
 the scheduler's tensors and the decoded result (uint8 again, converted there). Only the random
 draws are made on the CPU, from the job's own generator, and moved to the device, so they are
@@ -21,11 +29,13 @@ round, so what a stage sees never depends on timing.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -80,6 +90,8 @@ class Img2ImgJob:
         control: tuple[ControlInput, ...] = (),
         rounding: str = ROUND,
         posterior: bool = True,
+        inpainting_model: bool = False,
+        pixel_mask: np.ndarray | torch.Tensor | None = None,
     ) -> None:
         """`cond` and `uncond` are the prompt's and negative prompt's UNet inputs per sampling step, of one
         shape (`Model.encode_pair`). `control` holds the job's ControlNet units (vlrt.executor.control), in unit order;
@@ -88,7 +100,9 @@ class Img2ImgJob:
         diffusers' pipelines nothing is sampled, so the generator's first draw is the initial noise.
         `latent_mask` (latent-sized, 1 = SD may change it) makes this an inpainting job whose
         other latents follow the init image's noising trajectory; `fill` is what the masked
-        latents start from (see `vlrt.image.inpaint`)."""
+        latents start from (see `vlrt.image.inpaint`).
+        `inpainting_model` for a 9-channel UNet, which takes `pixel_mask` ((H, W) of the image, 1 = repaint;
+        None repaints everything) and the masked image's latents as extra channels (see the module's docstring)."""
         self.image = image
         self.cond, self.uncond = cond, uncond
         self.guidance = guidance
@@ -115,6 +129,12 @@ class Img2ImgJob:
             takes_generator = "generator" in inspect.signature(scheduler.step).parameters
             self.step_kwargs = {"generator": self.generator} if takes_generator else {}
         self.edit = None if latent_mask is None else torch.as_tensor(latent_mask).to(self.device)[None, None]
+        self.keep_unmasked = self.edit is not None and not inpainting_model
+        self.pixel_mask: torch.Tensor | None = None
+        if inpainting_model:
+            mask = torch.ones(image.shape[:2]) if pixel_mask is None else torch.as_tensor(pixel_mask)
+            self.pixel_mask = mask.to(self.device, torch.float32)
+        self.conditioning: torch.Tensor | None = None  # an inpainting model's extra UNet channels [1, 5, h, w]
         self.fill = fill
         self.control = control
         self.rounding = rounding
@@ -130,17 +150,21 @@ class Img2ImgJob:
             self.result = image
 
     # --- ENCODE ---
-    def encoder_input(self) -> torch.Tensor:
-        return image_to_tensor(self.image)
+    def encoder_inputs(self) -> list[torch.Tensor]:
+        """The init image; for an inpainting model also the masked image (the pixels to repaint set to 0)."""
+        image = image_to_tensor(self.image)
+        if self.pixel_mask is None:
+            return [image]
+        return [image, image * (self.pixel_mask < 0.5)]
 
-    def take_moments(self, moments: torch.Tensor) -> None:
-        """Sample the posterior (a tiny VAE's latents are taken as they are), then noise it to the first
-        timestep (same generator order as diffusers)."""
-        latents = moments.unsqueeze(0).float()
-        if self.posterior:
-            latents = DiagonalGaussianDistribution(latents).sample(self.generator)
-        init = (latents - self.shift_factor) * self.scaling_factor
+    def take_moments(self, moments: Sequence[torch.Tensor]) -> None:
+        """Sample the init image's posterior (a tiny VAE's latents are taken as they are), then noise it to
+        the first timestep; an inpainting model's masked image is sampled last (diffusers' generator order)."""
+        init = self._latents(moments[0])
         noise = variation_noise(tuple(init.shape), self.generator, self.subseed, self.subseed_strength).to(self.device)
+        if self.pixel_mask is not None:
+            mask = F.interpolate(self.pixel_mask[None, None], size=init.shape[-2:], mode="nearest")
+            self.conditioning = torch.cat([mask, self._latents(moments[1])], dim=1)
         if self.edit is not None:
             self.init_latents, self.noise = init, noise
             if self.fill == LATENT_NOISE:
@@ -149,6 +173,13 @@ class Img2ImgJob:
                 init = init * (1 - self.edit)
         self.latents = self._noised(init, noise, 0)
         self.phase = Phase.DENOISE
+
+    def _latents(self, moments: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [1, C, h, w] from an encoder output: the posterior sampled with this job's generator."""
+        latents = moments.unsqueeze(0).float()
+        if self.posterior:
+            latents = DiagonalGaussianDistribution(latents).sample(self.generator)
+        return (latents - self.shift_factor) * self.scaling_factor
 
     def _noised(self, init: torch.Tensor, noise: torch.Tensor, at: int) -> torch.Tensor:
         """`init` noised to this job's step `at`, as the sampler's `add_noise`."""
@@ -172,7 +203,8 @@ class Img2ImgJob:
         return {name: torch.cat([uncond[name], value]) for name, value in cond.items()}
 
     def unet_input(self) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
-        """This job's UNet rows with its own scheduler: (sample, timestep, conditioning)."""
+        """This job's UNet rows with its own scheduler: (sample, timestep, conditioning); the sample holds the
+        latents only (the executor adds an inpainting model's extra channels)."""
         t = self.timesteps[self.index]
         latents = torch.cat([self.latents] * self.rows)
         sample = self.scheduler.scale_model_input(latents, t)
@@ -192,7 +224,7 @@ class Img2ImgJob:
         """Take the latents after this job's next step (from its scheduler or the batched step)."""
         self.latents = latents
         self.index += 1
-        if self.edit is not None:
+        if self.keep_unmasked:
             self._keep_unmasked()
         if self.index == len(self.timesteps):
             self.phase = Phase.DECODE

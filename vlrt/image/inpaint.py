@@ -14,7 +14,8 @@ For a frame whose edit mask (255 = change) is given:
    (zeros).
 4. The latent mask (the mask SD sees, at latent resolution, rounded to 0/1) keeps the unmasked
    latents on the init image's noising trajectory at every step (diffusers' way for ordinary,
-   4-channel UNets); see `vlrt.executor.jobs`.
+   4-channel UNets); see `vlrt.executor.jobs`. An inpainting model (9-channel UNet) is given the
+   mask at the picture's size, rounded to 0/1, instead: it shrinks it and blanks the masked image itself.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class InpaintPlan:
 
     sd_image: np.ndarray  # (H, W, 3): the picture SD starts from
     latent_mask: np.ndarray  # (H/scale, W/scale) float32 in {0, 1}: 1 where SD may change latents
+    pixel_mask: np.ndarray  # (H, W) float32 in {0, 1}: the same at the picture's size, an inpainting model's input
     init: np.ndarray  # the init image the result is pasted over
     overlay: np.ndarray  # (H, W) uint8: how much of SD's result each pixel takes when pasted back
     region: tuple[int, int, int, int] | None  # (x0, y0, x1, y1) of "only masked", else None
@@ -88,7 +90,8 @@ def plan_inpaint(init: np.ndarray, edit_mask: np.ndarray, options: InpaintOption
         overlay = np.minimum(blurred.astype(np.uint16) * 2, 255).astype(np.uint8)
     if options.inpainting_fill == FILL:
         sd_image = fill_masked(sd_image, sd_mask)
-    return InpaintPlan(sd_image, latent_mask(sd_mask, latent_scale), init, overlay, region)
+    pixel_mask = np.rint(sd_mask.astype(np.float32) / 255.0)
+    return InpaintPlan(sd_image, latent_mask(sd_mask, latent_scale), pixel_mask, init, overlay, region)
 
 
 def _crop_scaled(image: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Single-file SD 1.x / 2.x / SDXL checkpoints (`.safetensors`, `.ckpt`) in the original key layout, offline.
 
 The architecture is read from the checkpoint's keys and shapes before anything is converted:
-- a UNet under `model.diffusion_model.` taking 4 latent channels (9 is an inpainting model);
+- a UNet under `model.diffusion_model.` taking 4 latent channels, or 9 for an inpainting model (4 latent,
+  1 mask, 4 masked-image latent channels);
 - the text encoder: OpenAI CLIP under `cond_stage_model.transformer.` (SD 1.x) or OpenCLIP under
   `cond_stage_model.model.` (SD 2.x), with the UNet's cross-attention width to match (768 / 1024);
 - SDXL: CLIP-L under `conditioner.embedders.0.transformer.` and OpenCLIP-G under
@@ -21,6 +22,7 @@ otherwise.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,8 @@ SDXL_CLIP_TOKENS = "conditioner.embedders.0.transformer.text_model.embeddings.to
 SDXL_OPEN_CLIP_TOKENS = "conditioner.embedders.1.model.token_embedding.weight"
 REFINER_OPEN_CLIP_TOKENS = "conditioner.embedders.0.model.token_embedding.weight"
 VAE_IN = "first_stage_model.encoder.conv_in.weight"
+INPAINTING_CHANNELS = 9  # an inpainting UNet's: latents (4), mask (1), masked-image latents (4)
+UNET_CHANNELS = (4, INPAINTING_CHANNELS)
 KNOWN_WIDTHS = {"clip": 768, "open_clip": 1024, "sdxl": 2048}
 FAMILIES = {"clip": "SD 1.x", "open_clip": "SD 2.x", "sdxl": "SDXL"}
 REFINER = (
@@ -56,6 +60,7 @@ class Architecture:
     text_encoder: str  # "clip" (SD 1.x), "open_clip" (SD 2.x) or "sdxl" (both: CLIP-L and OpenCLIP-G)
     cross_attention_dim: int
     has_vae: bool
+    unet_in_channels: int = 4  # 9 for an inpainting model
 
     @property
     def family(self) -> str:
@@ -117,9 +122,11 @@ def detect_architecture(shapes: Mapping[str, tuple[int, ...]], path: Path) -> Ar
     if REFINER_OPEN_CLIP_TOKENS in shapes:
         raise VlrtError(f"{path} is {REFINER}")
     in_channels = shapes[UNET_IN][1]
-    if in_channels != 4:
-        kind = "an inpainting model" if in_channels == 9 else "not an img2img model"
-        raise VlrtError(f"{path} has a UNet taking {in_channels} input channels ({kind}); vlrt runs 4-channel SD 1.x/2.x/SDXL models")
+    if in_channels not in UNET_CHANNELS:
+        raise VlrtError(
+            f"{path} has a UNet taking {in_channels} input channels (not an img2img model); vlrt runs SD 1.x/2.x/SDXL "
+            "models taking 4 (img2img) or 9 (inpainting)"
+        )
     if any(k.startswith("conditioner.embedders.") for k in shapes):
         if SDXL_CLIP_TOKENS not in shapes or SDXL_OPEN_CLIP_TOKENS not in shapes:
             raise VlrtError(f"{path} has SDXL conditioner keys but not both SDXL text encoders ({SDXL_CLIP_TOKENS}, {SDXL_OPEN_CLIP_TOKENS})")
@@ -133,7 +140,7 @@ def detect_architecture(shapes: Mapping[str, tuple[int, ...]], path: Path) -> Ar
     widths = [shape[1] for key, shape in shapes.items() if key.startswith("model.diffusion_model.") and key.endswith(CROSS_ATTENTION)]
     if not widths:
         raise VlrtError(f"{path} has a UNet without cross-attention (no attn2 keys): it is not a text-to-image SD model")
-    return Architecture(text_encoder, widths[0], VAE_IN in shapes)
+    return Architecture(text_encoder, widths[0], VAE_IN in shapes, in_channels)
 
 
 def check_shipped(arch: Architecture, path: Path) -> None:
@@ -143,6 +150,24 @@ def check_shipped(arch: Architecture, path: Path) -> None:
             f"{path} has an unknown architecture: a {arch.text_encoder} text encoder with cross-attention width "
             f"{arch.cross_attention_dim} (SD 1.x has 768, SD 2.x 1024, SDXL 2048); pass --model-config with its diffusers config folder"
         )
+
+
+def _config_in_channels(config: Path) -> int:
+    return int(json.loads((config / "unet" / "config.json").read_text(encoding="utf-8"))["in_channels"])
+
+
+def _unet(path: Path, config: Path, arch: Architecture, dtype: torch.dtype) -> Any:
+    """The checkpoint's UNet with the config's architecture but the checkpoint's input channels: the
+    shipped configs are the 4-channel models', an inpainting file's UNet takes 9."""
+    from diffusers import UNet2DConditionModel
+
+    try:
+        return UNet2DConditionModel.from_single_file(
+            str(path), config=str(config), subfolder="unet", in_channels=arch.unet_in_channels, local_files_only=True,
+            torch_dtype=dtype,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise VlrtError(f"{path} could not be loaded as {arch.family} with the configs in {config}: {_first_line(exc)}") from None
 
 
 def _what_it_is(shapes: Mapping[str, tuple[int, ...]]) -> str:
@@ -168,8 +193,6 @@ def load_checkpoint(
     converted with the configs in `config`, and its scheduler config. `vae` replaces the
     checkpoint's own (which may then be missing). The tokenizer is the config folder's if it has
     one, else CLIP's (`clip_vocab`)."""
-    import json
-
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
@@ -184,7 +207,9 @@ def load_checkpoint(
             return CLIPTokenizer.from_pretrained(config / folder, local_files_only=True)
         return clip_tokenizer(pad)
 
-    extra = {"vae": vae} if vae is not None else {}
+    extra: dict[str, Any] = {"vae": vae} if vae is not None else {}
+    if _config_in_channels(config) != arch.unet_in_channels:
+        extra["unet"] = _unet(path, config, arch, dtype)
     try:
         if arch.is_sdxl:
             pipe = StableDiffusionXLPipeline.from_single_file(

@@ -334,6 +334,11 @@ def _check_family(sdxl: bool, width: int, path: Path, model: Model) -> None:
 
 def _check_config(config: dict, path: Path, model: Model) -> None:
     """Refuse a ControlNet that cannot steer this model's UNet, naming what differs."""
+    if model.is_inpainting:
+        raise VlrtError(
+            f"ControlNet {path} cannot steer an inpainting model (9-channel UNet) in vlrt yet: use the model's "
+            "ordinary version with ControlNet, or the inpainting model without it"
+        )
     sdxl = config.get("addition_embed_type") == SDXL_EMBEDDING
     _check_family(sdxl, int(config["cross_attention_dim"]), path, model)
     unet = model.unet.config

@@ -20,7 +20,15 @@ from typing import Any
 import torch
 
 from vlrt.errors import VlrtError
-from vlrt.model.checkpoints import REFINER, check_shipped, detect_architecture, is_checkpoint_file, load_checkpoint, read_shapes
+from vlrt.model.checkpoints import (
+    INPAINTING_CHANNELS,
+    REFINER,
+    check_shipped,
+    detect_architecture,
+    is_checkpoint_file,
+    load_checkpoint,
+    read_shapes,
+)
 from vlrt.model.conditioning import StepEmbeddings, conditioning_pair, text_embeddings
 from vlrt.model.lora import apply_loras, lora_specs, untagged_prompt
 from vlrt.model.prompt_embeddings import PromptEncoder
@@ -36,6 +44,11 @@ COMPONENTS = {
     "scheduler": "scheduler_config.json",
 }
 SDXL_COMPONENTS = {**COMPONENTS, "text_encoder_2": "config.json", "tokenizer_2": None}
+
+
+def latent_channels(unet_in_channels: int) -> int:
+    """The VAE's latent channels a UNet taking `unet_in_channels` works on (an inpainting UNet's 9 hold 4)."""
+    return 4 if unet_in_channels == INPAINTING_CHANNELS else unet_in_channels
 
 
 @dataclass
@@ -87,6 +100,11 @@ class Model:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def is_inpainting(self) -> bool:
+        """An inpainting UNet: it takes the latents, the mask and the masked image's latents (9 channels)."""
+        return int(self.unet.config.in_channels) == INPAINTING_CHANNELS
 
     @property
     def latent_channels(self) -> int:
@@ -200,6 +218,13 @@ def load_model(
         modules, scheduler_config, config_root = _load_file(path, dtype, options)
     if modules["unet"].config.time_cond_proj_dim is not None:
         raise VlrtError(f"model {path} is a guidance-distilled (LCM) UNet, which vlrt does not run yet: use an SD 1.x/2.x model")
+    unet_in, vae_latents = int(modules["unet"].config.in_channels), int(modules["vae"].config.latent_channels)
+    if latent_channels(unet_in) != vae_latents:
+        raise VlrtError(
+            f"model {path} has a UNet taking {unet_in} input channels and a VAE of {vae_latents} latent channels: vlrt runs "
+            f"UNets taking the VAE's latents ({vae_latents}), or inpainting UNets taking 9 (latents, mask, masked-image latents) "
+            "with a 4-channel VAE"
+        )
     if options.prediction_type != "auto":
         scheduler_config = {**scheduler_config, "prediction_type": options.prediction_type}
     loras = apply_loras(modules, scheduler_config, lora_specs(options.loras, options.lora_tags, options.lora_dir))
@@ -243,7 +268,7 @@ def _load_folder(path: Path, dtype: torch.dtype, options: ModelOptions) -> tuple
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise VlrtError(f"model folder {path} could not be loaded: {first}") from None
     if vae is None:
-        vae = load_vae(options.vae, model_vae_config=path, latent_channels=unet.config.in_channels, dtype=dtype)
+        vae = load_vae(options.vae, model_vae_config=path, latent_channels=latent_channels(unet.config.in_channels), dtype=dtype)
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, **second}
     return modules, scheduler_config, path
@@ -258,8 +283,7 @@ def _load_file(path: Path, dtype: torch.dtype, options: ModelOptions) -> tuple[d
         config = arch.config_folder(options.prediction_type)
     vae = None
     if options.vae:
-        unet_config = json.loads((config / "unet" / "config.json").read_text(encoding="utf-8"))
-        vae = load_vae(options.vae, model_vae_config=config, latent_channels=unet_config["in_channels"], dtype=dtype)
+        vae = load_vae(options.vae, model_vae_config=config, latent_channels=latent_channels(arch.unet_in_channels), dtype=dtype)
     pipe, scheduler_config = load_checkpoint(path, arch=arch, config=config, dtype=dtype, vae=vae)
     names = ("unet", "vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if arch.is_sdxl else ())
     modules = {name: getattr(pipe, name) for name in names}

@@ -87,13 +87,13 @@ class Network:
 
 
 def sd_networks(model: Model, height: int, width: int) -> list[Network]:
-    """The UNet and the VAE's two halves at this resolution; an SDXL UNet takes its added conditioning too
-    (a tiny VAE's encoder gives its latents)."""
+    """The UNet and the VAE's two halves at this resolution; an SDXL UNet takes its added conditioning too,
+    an inpainting UNet 9 channels (a tiny VAE's encoder gives its latents)."""
     h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
     c = model.latent_channels
     tokens = CHUNK_LENGTH
     unet = {
-        "sample": torch.randn(1, c, h, w),
+        "sample": torch.randn(1, int(model.unet.config.in_channels), h, w),
         "timestep": torch.tensor([500.0]),
         "encoder_hidden_states": torch.randn(1, tokens, model.cross_attention_dim),
     }

@@ -185,6 +185,8 @@ class LoopPass(Stage):
                 control=control,
                 rounding=self.rounding,
                 posterior=not self.model.tiny_vae,
+                inpainting_model=self.model.is_inpainting,
+                pixel_mask=None if plan is None else plan.pixel_mask,
             )
             for seed, subseed in params.sample_seeds()
         ]
