@@ -155,7 +155,7 @@ def test_real_size_sdxl_controlnet_files_give_their_architecture(variant, form, 
     network = _real_size(config)
     state = network.state_dict() if form == "diffusers" else controlnet_to_original(network, "")
     shapes = diffusers_layout({k: tuple(v.shape) for k, v in state.items()}, tmp_path / "c.safetensors")
-    model = SimpleNamespace(unet=unet, is_sdxl=True, cross_attention_dim=2048, vae_scale_factor=8)
+    model = SimpleNamespace(unet=unet, is_sdxl=True, is_inpainting=False, cross_attention_dim=2048, vae_scale_factor=8)
     built = _real_size(single_file_config(shapes, tmp_path / "c.safetensors", model))
     assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == {k: tuple(v.shape) for k, v in network.state_dict().items()}
     assert built.config.projection_class_embeddings_input_dim == 2816 and built.config.addition_time_embed_dim == 256
