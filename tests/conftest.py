@@ -87,6 +87,14 @@ def shot_frames(kind: int, count: int, size: tuple[int, int] = (64, 48)) -> list
     return frames
 
 
+def reference_scheduler(sampler: str, config):
+    """The diffusers scheduler a reference pipeline runs for `sampler` (vlrt's sampler table), from `config`."""
+    from vlrt.model.samplers import SAMPLERS
+
+    cls, overrides = SAMPLERS[sampler]
+    return cls.from_config(config, **overrides)
+
+
 def read_frames(folder: Path) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB")) for p in sorted(Path(folder).glob("*.png"))]
 

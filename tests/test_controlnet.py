@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import read_frames, write_frames
+from conftest import read_frames, reference_scheduler, write_frames
 from controlnet_fixtures import (
     assert_killed_render_resumes,
     assert_three_segments_give_one_render,
@@ -15,7 +15,6 @@ from controlnet_fixtures import (
 from PIL import Image
 
 from vlrt.demo.clip import sample_frames
-from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 
@@ -29,8 +28,7 @@ def controlnet_dirs(demo_model, tmp_path_factory):
 
 
 def _scheduler(model, sampler: str):
-    cls, overrides = SAMPLERS[sampler]
-    return cls.from_config(model.scheduler_config, **overrides)
+    return reference_scheduler(sampler, model.scheduler_config)
 
 
 def _settings(**overrides):

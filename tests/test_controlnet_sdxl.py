@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import read_frames
+from conftest import read_frames, reference_scheduler
 from controlnet_fixtures import controlnet_pipeline, make_tiny_controlnet, write_diffusers_file
 from diffusers import ControlNetModel
 from original_layout import controlnet_to_original
@@ -21,7 +21,6 @@ from tiny_sdxl import POOLED, WIDTHS
 from vlrt.cli import main
 from vlrt.export.trt_build import profile_shapes
 from vlrt.model.conditioning import time_ids
-from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 
@@ -44,8 +43,7 @@ def _settings(sdxl_dir, **overrides):
 
 
 def _scheduler(model, sampler: str):
-    cls, overrides = SAMPLERS[sampler]
-    return cls.from_config(model.scheduler_config, **overrides)
+    return reference_scheduler(sampler, model.scheduler_config)
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import read_frames, write_frames
+from conftest import read_frames, reference_scheduler, write_frames
 from diffusers import StableDiffusionInpaintPipeline
 from PIL import Image, ImageChops
 
@@ -18,7 +18,6 @@ from vlrt.image.color import ColorAnchor
 from vlrt.image.inpaint import InpaintOptions, fill_masked, latent_mask, plan_inpaint
 from vlrt.image.resize import RESIZE_AND_FILL, resize_plane
 from vlrt.io.sources import open_source
-from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
 from vlrt.render.prepare import Preparer
 from vlrt.settings.config import build_settings
@@ -57,11 +56,10 @@ def test_masked_pass_equals_diffusers_inpaint_pipeline(sampler, demo_model, clip
     _render(clip_folder, tmp_path / "out", demo_model, loop_n=1, superimpose_alpha=1.0, use_mask=True,
             mask_directory=str(mask_path), mask_blur=0, sampler_name=sampler, steps=steps, denoising_strength=strength,
             cfg_scale=cfg, seed=seed)
-    cls, overrides = SAMPLERS[sampler]
     m = demo_model
     pipe = StableDiffusionInpaintPipeline(
         vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-        scheduler=cls.from_config(m.scheduler_config, **overrides), safety_checker=None, feature_extractor=None,
+        scheduler=reference_scheduler(sampler, m.scheduler_config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import read_frames
+from conftest import read_frames, reference_scheduler
 from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
 from original_layout import to_original
 from PIL import Image
@@ -22,7 +22,6 @@ from tiny_sdxl import make_tiny_sdxl
 from vlrt.cli import main
 from vlrt.errors import VlrtError
 from vlrt.model.loading import ModelOptions, load_model
-from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 
@@ -64,10 +63,9 @@ def _render(model, inputs: Path, out: Path, **overrides) -> list[np.ndarray]:
 
 
 def _diffusers(model, sampler: str, frame: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    cls, overrides = SAMPLERS[sampler]
     pipe = StableDiffusionInpaintPipeline(
         vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=cls.from_config(model.scheduler_config, **overrides), safety_checker=None, feature_extractor=None,
+        scheduler=reference_scheduler(sampler, model.scheduler_config), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
@@ -179,10 +177,9 @@ def test_sdxl_inpainting_equals_diffusers_sdxl_inpaint_pipeline(sampler, clip_fo
     inside = mask == 255
     got = _render(model, clip_folder, tmp_path / "out", use_mask=True, mask_directory=str(mask_path), sampler_name=sampler,
                   max_frames=3)
-    cls, overrides = SAMPLERS[sampler]
     pipe = StableDiffusionXLInpaintPipeline(
         vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
-        tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=cls.from_config(model.scheduler_config, **overrides),
+        tokenizer_2=model.tokenizer_2, unet=model.unet, scheduler=reference_scheduler(sampler, model.scheduler_config),
         requires_aesthetics_score=False, force_zeros_for_empty_prompt=True, add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)

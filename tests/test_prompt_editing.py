@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import read_frames
+from conftest import read_frames, reference_scheduler
 from PIL import Image
 from tiny_sd import load_pipeline
 
 from vlrt.errors import VlrtError
 from vlrt.model.prompt_schedule import prompt_schedule
-from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 
@@ -95,8 +94,7 @@ def _reference(model, image: Image.Image, strength: float, texts: list[str]) -> 
     """diffusers' img2img pipeline with Euler, its prompt embeddings (its own encode_prompt) set before
     each step k to those of texts[k]: the callback after step k sets step k + 1's."""
     pipe = load_pipeline(model.path)
-    cls, overrides = SAMPLERS["Euler"]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = reference_scheduler("Euler", pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     embeds = {}
     for text in set(texts):

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import read_frames
+from conftest import read_frames, reference_scheduler
 from PIL import Image
 from tiny_sd import load_pipeline
 
-from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 
@@ -18,8 +17,7 @@ PROMPT, NEGATIVE = "a watercolour fox", "blurry"
 
 def _pipeline(model_dir, sampler: str):
     pipe = load_pipeline(model_dir)
-    cls, overrides = SAMPLERS[sampler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = reference_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import read_frames
+from conftest import read_frames, reference_scheduler
 from PIL import Image
 from safetensors.torch import save_file
 from test_checkpoints import no_network  # noqa: F401 (a fixture)
@@ -19,7 +19,6 @@ from tiny_sdxl import POOLED, WIDTHS, load_sdxl_pipeline
 from vlrt.cli import main
 from vlrt.export.trt_build import profile_shapes
 from vlrt.model.loading import load_model
-from vlrt.model.samplers import SAMPLERS
 from vlrt.render.pipeline import render
 from vlrt.settings.config import build_settings
 
@@ -29,8 +28,7 @@ PROMPT = "a watercolour fox"
 
 def _pipeline(folder, sampler: str):
     pipe = load_sdxl_pipeline(folder)
-    cls, overrides = SAMPLERS[sampler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    pipe.scheduler = reference_scheduler(sampler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
